@@ -1,0 +1,70 @@
+"""`apply` / `remove`: patch one loaded model instance in place, and restore it exactly."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from .config import IllavaConfig
+from .patches import find_family
+from .state import STATE_ATTRIBUTE, IllavaState
+from .trace import IllavaTrace
+
+logger = logging.getLogger(__name__)
+
+
+def _as_config(config: IllavaConfig | Mapping[str, Any] | None, options: dict[str, Any]) -> IllavaConfig:
+    if config is None:
+        return IllavaConfig.from_dict(options)
+    if options:
+        raise TypeError("pass either a config or keyword options, not both")
+    if isinstance(config, IllavaConfig):
+        return config
+    if isinstance(config, Mapping):
+        return IllavaConfig.from_dict(config)
+    raise TypeError(f"config must be an IllavaConfig or a mapping, not {type(config).__name__}")
+
+
+def apply(model, config: IllavaConfig | Mapping[str, Any] | None = None, processor=None, **options):
+    """Patch `model` (this instance only) to merge visual tokens as `config` says; returns the model.
+
+    `processor`: the model's processor; pass it so that prompts get as many image/video placeholders as the
+    merged model produces (it is patched on the instance too, and restored by `remove`).
+    Options may also be given as keywords: `apply(model, enable_illava_vit=True, illava_vit_k="5-6-7-8")`.
+    """
+    config = _as_config(config, options)
+    if getattr(model, STATE_ATTRIBUTE, None) is not None:
+        raise RuntimeError("illava is already applied to this model; call illava.remove(model) first")
+    family = find_family(model)
+    state = IllavaState(config)
+    try:
+        family.apply(state, model, processor)
+    except BaseException:
+        state.undo()
+        raise
+    setattr(model, STATE_ATTRIBUTE, state)
+    logger.info("illava applied to %s: %s", type(model).__name__, config)
+    return model
+
+
+def remove(model):
+    """Undo `apply` on `model` (and on the processor passed to it); returns the model."""
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if state is None:
+        raise RuntimeError("illava is not applied to this model")
+    state.undo()
+    delattr(model, STATE_ATTRIBUTE)
+    return model
+
+
+def is_applied(model) -> bool:
+    return getattr(model, STATE_ATTRIBUTE, None) is not None
+
+
+def last_trace(model) -> IllavaTrace:
+    """What the last forward that ran the vision encoder recorded (token counts, survivor positions, sources)."""
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if state is None:
+        raise RuntimeError("illava is not applied to this model")
+    return state.trace

@@ -1,0 +1,262 @@
+"""LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`, SigLIP + Qwen2): ViT-stage merging.
+
+After merging, every crop/frame holds n tokens instead of the full grid (27x27 = 729 for SigLIP-384/14). What the
+language model receives is laid out as follows:
+
+- n is a perfect square s*s (the paper's settings: 361 = 19x19, 169 = 13x13): survivors, in their original raster
+  order, form a pseudo s x s grid per crop, and LLaVA-OneVision's own layout runs on it unchanged: anyres crops
+  stitched, unpadded, capped by `anyres_max_9`, one `image_newline` per row, base crop first; video frames pooled
+  2x2 bilinearly to ceil(s/2)^2 (100 per frame for 19x19) with one newline after the video.
+- any other n: the base crop's survivors in raster order, then the survivors of all high-resolution crops sorted
+  by their original position in the stitched image (row-major), then one `image_newline` (no unpadding, no
+  downsampling); video frames are pooled by averaging groups of 4 consecutive survivors (ceil(n/4) per frame).
+
+Both layouts have counts known from (image size, config) alone, so the processor emits matching placeholders:
+`illava.apply(model, config, processor=processor)` patches the processor instance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
+from transformers.image_processing_utils import select_best_resolution
+from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
+
+from ..state import IllavaState
+from .siglip import patch_siglip_vision_model
+
+MODEL_CLASSES = (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)
+
+
+def video_tokens_per_frame(tokens: int) -> int:
+    """Tokens a frame of `tokens` survivors is pooled to."""
+    side = math.isqrt(tokens)
+    if side * side == tokens:
+        return math.ceil(side / 2) ** 2
+    return math.ceil(tokens / 4)
+
+
+def _inner_model(model) -> LlavaOnevisionModel:
+    return model.model if isinstance(model, LlavaOnevisionForConditionalGeneration) else model
+
+
+def _validate(config, inner: LlavaOnevisionModel) -> int:
+    """Check the config against the model; returns the full token count of one crop."""
+    vision_config = inner.config.vision_config
+    grid_side = vision_config.image_size // vision_config.patch_size
+    full_tokens = grid_side * grid_side
+    layers = inner.vision_tower.encoder.layers
+    config.validate_vit(len(layers), full_tokens)
+    config.validate_llm(inner.config.text_config.num_hidden_layers)
+    if not config.enable_illava_vit:
+        return full_tokens
+    if inner.config.vision_feature_select_strategy != "full":
+        raise ValueError(
+            f"illava: vision_feature_select_strategy={inner.config.vision_feature_select_strategy!r} drops the "
+            "first token of each crop, which merging reorders; LLaVA-OneVision with SigLIP uses 'full'"
+        )
+    feature_layers = inner.config.vision_feature_layer
+    feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
+    num_states = len(layers) + 1  # embeddings, then the output of each layer
+    last_merge = max(config.illava_vit_k)
+    early = [index for index in feature_layers if index % num_states <= last_merge]
+    if early:
+        raise ValueError(
+            f"illava_vit_k={'-'.join(map(str, config.illava_vit_k))}: the model reads vision features from "
+            f"hidden state(s) {early} (vision_feature_layer), which come before merge layer {last_merge} finishes; "
+            f"merge only in layers below {min(index % num_states for index in feature_layers)}"
+        )
+    return full_tokens
+
+
+def apply(state: IllavaState, model, processor=None) -> None:
+    config = state.config
+    inner = _inner_model(model)
+    full_tokens = _validate(config, inner)
+    if config.enable_illava_llm:
+        raise NotImplementedError("illava: LLM-stage merging (enable_illava_llm) is not implemented yet")
+    if not config.enable_illava_vit:
+        return
+    merged_tokens = config.vit_token_counts(full_tokens)[-1]
+    _patch_vision(state, model, inner, full_tokens)
+    if processor is not None:
+        patch_processor(state, processor, full_tokens, merged_tokens)
+
+
+def _patch_vision(state: IllavaState, model, inner: LlavaOnevisionModel, full_tokens: int) -> None:
+    call = {"modality": "vision", "fresh_forward": True}
+
+    # The next vision call starts a new trace once a forward has begun or ended (generate() encodes images
+    # before its prefill forward, so both ends count).
+    def mark_fresh_forward(module, *unused):
+        call["fresh_forward"] = True
+
+    def encode(modality, function, *args, **kwargs):
+        if call["fresh_forward"]:  # a new forward: forget the previous forward's trace
+            state.trace.vision.clear()
+            call["fresh_forward"] = False
+        call["modality"] = modality
+        try:
+            return function(*args, **kwargs)
+        finally:
+            call["modality"] = "vision"
+
+    def get_image_features(self, original, *args, **kwargs):
+        return encode("image", original, *args, **kwargs)
+
+    def get_video_features(self, original, pixel_values_videos, *args, **kwargs):
+        output = encode("video", original, pixel_values_videos, *args, **kwargs)
+        batch, frames = pixel_values_videos.shape[:2]
+        state.trace.vision[-1].groups_per_item = [int(frames)] * int(batch)
+        return output
+
+    state.add_hook(model.register_forward_pre_hook(mark_fresh_forward))
+    state.add_hook(model.register_forward_hook(mark_fresh_forward, always_call=True))
+    patch_siglip_vision_model(state, inner.vision_tower, lambda: call["modality"])
+    state.override_method(inner, "get_image_features", get_image_features)
+    state.override_method(inner, "get_video_features", get_video_features)
+
+    def pack_image_features(self, original, image_features, image_sizes, image_newline=None,
+                            vision_aspect_ratio="anyres_max_9"):
+        entry = state.trace.vision[-1]
+        entry.groups_per_item = [int(feature.shape[0]) for feature in image_features]
+        if image_features[0].shape[1] == full_tokens:
+            return original(image_features, image_sizes, image_newline, vision_aspect_ratio)
+        return _pack_merged_images(self, entry, image_features, image_sizes, image_newline, vision_aspect_ratio)
+
+    def apply_pooling(self, original, image_features):
+        if image_features.shape[1] == full_tokens:
+            return original(image_features)
+        return _pool_merged_frames(image_features)
+
+    state.override_method(inner, "pack_image_features", pack_image_features)
+    state.override_method(inner, "apply_pooling", apply_pooling)
+    state.override_method(inner, "get_placeholder_mask", _check_placeholder_counts)
+
+
+def _check_placeholder_counts(self, original, input_ids, inputs_embeds, image_features=None, video_features=None):
+    """Name the fix when the prompt's placeholders were counted for unmerged features."""
+    if input_ids is not None:
+        for features, token_id, kind in (
+            (image_features, self.config.image_token_id, "image"),
+            (video_features, self.config.video_token_id, "video"),
+        ):
+            if features is None:
+                continue
+            placeholders = int((input_ids == token_id).sum())
+            if placeholders != features.shape[0]:
+                raise ValueError(
+                    f"illava: the prompt holds {placeholders} {kind} placeholder tokens but ViT merging produced "
+                    f"{features.shape[0]} {kind} features; build inputs with the processor passed to "
+                    "illava.apply(model, config, processor=processor)"
+                )
+    return original(input_ids, inputs_embeds, image_features=image_features, video_features=video_features)
+
+
+def _pack_merged_images(inner, entry, image_features, image_sizes, image_newline, vision_aspect_ratio):
+    vision_config = inner.config.vision_config
+    tokens = image_features[0].shape[1]
+    side = math.isqrt(tokens)
+    packed, lengths = [], []
+    first_group = 0
+    for image_index, feature in enumerate(image_features):
+        crops = feature.shape[0]
+        parts = [feature[0]]
+        if crops > 1:
+            crop_rows, crop_cols = get_anyres_image_grid_shape(
+                image_sizes[image_index], inner.config.image_grid_pinpoints, vision_config.image_size
+            )
+            if side * side == tokens:
+                parts.append(
+                    _pseudo_grid(feature[1:], crop_rows, crop_cols, side, image_sizes[image_index],
+                                 image_newline, vision_aspect_ratio)
+                )
+            else:
+                positions = entry.positions[first_group + 1 : first_group + crops]
+                parts.append(_stitched_raster(feature[1:], positions, crop_rows, crop_cols, entry.grid))
+                if image_newline is not None:
+                    parts.append(image_newline[None].to(feature))
+        elif image_newline is not None:
+            parts.append(image_newline[None].to(feature))
+        first_group += crops
+        packed.append(torch.cat(parts, dim=0))
+        lengths.append(packed[-1].shape[0])
+    return packed, torch.tensor(lengths, dtype=torch.long, device=image_features[0].device)
+
+
+def _pseudo_grid(crops, crop_rows, crop_cols, side, image_size, image_newline, vision_aspect_ratio):
+    """LLaVA-OneVision's anyres layout (`pack_image_features`, transformers 5.23) on a pseudo side x side grid."""
+    grid = crops.view(crop_rows, crop_cols, side, side, -1)
+    grid = grid.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
+    grid = unpad_image(grid, image_size)
+    max_num_patches = int(vision_aspect_ratio.strip("anyres_max_"))
+    channels, height, width = grid.shape
+    ratio = math.sqrt(height * width / (max_num_patches * side**2))
+    if ratio > 1.1:
+        grid = nn.functional.interpolate(grid[None], [int(height // ratio), int(width // ratio)], mode="bilinear")[0]
+    if image_newline is not None:
+        newline = image_newline[:, None, None].expand(*grid.shape[:-1], 1).to(grid)
+        grid = torch.cat((grid, newline), dim=-1)
+    return grid.flatten(1, 2).transpose(0, 1)
+
+
+def _stitched_raster(crops, positions, crop_rows, crop_cols, grid):
+    """All crops' survivors ordered by their original (row, col) in the stitched full-resolution image."""
+    rows, cols = grid
+    crop_index = torch.arange(crops.shape[0], device=crops.device)[:, None]
+    global_row = (crop_index // crop_cols) * rows + positions // cols
+    global_col = (crop_index % crop_cols) * cols + positions % cols
+    order = (global_row * (crop_cols * cols) + global_col).flatten().argsort()
+    return crops.flatten(0, 1)[order]
+
+
+def _pool_merged_frames(frames: torch.Tensor) -> torch.Tensor:
+    num_frames, tokens, dim = frames.shape
+    side = math.isqrt(tokens)
+    if side * side == tokens:
+        grid = frames.view(num_frames, side, side, dim).permute(0, 3, 1, 2)
+        pooled = nn.functional.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+        return pooled.permute(0, 2, 3, 1).reshape(num_frames, -1, dim)
+    pooled_tokens = video_tokens_per_frame(tokens)
+    padded = nn.functional.pad(frames, (0, 0, 0, pooled_tokens * 4 - tokens))
+    counts = torch.full((pooled_tokens,), 4.0, device=frames.device, dtype=frames.dtype)
+    counts[-1] = tokens - 4 * (pooled_tokens - 1)
+    return padded.view(num_frames, pooled_tokens, 4, dim).sum(dim=2) / counts[:, None]
+
+
+def patch_processor(state: IllavaState, processor, full_tokens: int, merged_tokens: int) -> None:
+    """Make a `LlavaOnevisionProcessor` instance emit as many placeholders as the merged model produces."""
+    if processor.num_image_tokens != full_tokens:
+        raise ValueError(
+            f"illava: processor.num_image_tokens={processor.num_image_tokens} does not match the model's "
+            f"{full_tokens} tokens per crop; pass the processor that belongs to this model"
+        )
+    state.set_attribute(processor, "num_image_tokens", merged_tokens)
+    side = math.isqrt(merged_tokens)
+    if side * side == merged_tokens:
+        return  # the processor's own arithmetic on a side x side grid is exactly the pseudo-grid layout
+
+    def number_of_features(self, original, orig_height, orig_width, height, width):
+        best_height, best_width = select_best_resolution([orig_height, orig_width], self.image_processor.image_grid_pinpoints)
+        crops = (best_height // height) * (best_width // width)
+        return merged_tokens + crops * merged_tokens + 1
+
+    def replace_video_token(self, original, video_inputs, video_idx, **kwargs):
+        video = video_inputs["pixel_values_videos"][video_idx]
+        frames = len(video) if isinstance(video, (list, tuple)) else video.shape[0]
+        return self.video_token * (frames * video_tokens_per_frame(merged_tokens) + 1)
+
+    def num_multimodal_tokens(self, original, image_sizes=None, video_sizes=None, **kwargs):
+        data = original(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
+        if video_sizes is not None:
+            data["num_video_tokens"] = [
+                frames * video_tokens_per_frame(merged_tokens) + 1 for frames, _, _ in video_sizes
+            ]
+        return data
+
+    state.override_method(processor, "_get_number_of_features", number_of_features)
+    state.override_method(processor, "replace_video_token", replace_video_token)
+    state.override_method(processor, "_get_num_multimodal_tokens", num_multimodal_tokens)

@@ -1,0 +1,106 @@
+"""ViT-stage merging inside SigLIP encoder layers (the vision tower of LLaVA-OneVision).
+
+Each batch row of the encoder is one crop or frame; each is merged independently, so every row keeps the same
+count and the hidden states stay a dense `[rows, tokens, dim]` tensor.
+
+The merge happens inside layer k, after the attention residual and before LN2/MLP. The scores come from the
+layer's own q and k (captured by forward hooks on `q_proj` / `k_proj`), so they are the same whatever attention
+backend the model runs.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from .. import merge
+from ..state import IllavaState
+from ..trace import VisionTrace
+
+
+def _capture_output(slot: dict, key: str):
+    def hook(module, inputs, output):
+        slot[key] = output
+
+    return hook
+
+
+def _merging_layer_forward(state: IllavaState, layer_index: int, slot: dict):
+    """Forward of a SigLIP encoder layer with the merge between attention and MLP.
+
+    Same computation as `SiglipEncoderLayer.forward` / `Siglip2EncoderLayer.forward` of transformers 5.0-5.23
+    otherwise (checked on 5.23).
+    """
+    config = state.config
+
+    def forward(layer, hidden_states, attention_mask=None, **kwargs):
+        if attention_mask is not None:
+            raise ValueError(
+                "illava: ViT merging in a SigLIP tower that receives an attention mask is not supported "
+                f"(layer {layer_index}); LLaVA-OneVision passes none"
+            )
+        residual = hidden_states
+        attention_output, _ = layer.self_attn(
+            hidden_states=layer.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs
+        )
+        hidden_states = residual + attention_output
+        query, key = slot.pop("q"), slot.pop("k")
+        hidden_states = _merge_step(state, layer, hidden_states, query, key, config.vit_tokens_removed)
+        residual = hidden_states
+        return residual + layer.mlp(layer.layer_norm2(hidden_states))
+
+    return forward
+
+
+def _merge_step(state: IllavaState, layer, hidden_states, query, key, tokens_removed) -> torch.Tensor:
+    entry: VisionTrace = state.trace.vision[-1]
+    rows, tokens, _ = hidden_states.shape
+    r = tokens_removed(tokens)
+    if r == 0:
+        entry.tokens_per_group.append(tokens)
+        return hidden_states
+    attention = layer.self_attn
+    query = query.view(rows, tokens, -1, attention.head_dim).transpose(1, 2)
+    key = key.view(rows, tokens, -1, attention.head_dim).transpose(1, 2)
+    scores = merge.attention_received(query, key, attention.scale)
+    hidden_states, plan = merge.merge_tokens(hidden_states, scores, r)
+    entry.positions = merge.update_positions(entry.positions, plan)
+    if entry.sources is not None:
+        entry.sources = merge.update_sources(entry.sources, plan)
+    entry.tokens_per_group.append(tokens - r)
+    return hidden_states
+
+
+def patch_siglip_vision_model(state: IllavaState, vision_model, modality_of_call) -> None:
+    """Merge inside `state.config.illava_vit_k` layers of a `SiglipVisionModel` instance.
+
+    `modality_of_call()` names what the current encoder call is encoding ("image", "video", ...).
+    """
+    config = state.config
+    patch_size = vision_model.config.patch_size
+
+    def start_trace(module, args, kwargs):
+        pixel_values = args[0] if args else kwargs["pixel_values"]
+        grid = (pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size)
+        positions = merge.initial_sources(pixel_values.shape[0], grid[0] * grid[1], pixel_values.device)
+        state.trace.vision.append(
+            VisionTrace(
+                modality=modality_of_call(),
+                grid=grid,
+                merge_layers=config.illava_vit_k,
+                tokens_per_group=[grid[0] * grid[1]],
+                positions=positions,
+                sources=positions.clone() if config.illava_track_vit_source else None,
+            )
+        )
+
+    state.add_hook(vision_model.register_forward_pre_hook(start_trace, with_kwargs=True))
+    for layer_index in config.illava_vit_k:
+        layer = vision_model.encoder.layers[layer_index]
+        slot: dict = {}
+        state.add_hook(layer.self_attn.q_proj.register_forward_hook(_capture_output(slot, "q")))
+        state.add_hook(layer.self_attn.k_proj.register_forward_hook(_capture_output(slot, "k")))
+        state.set_attribute(
+            layer, "forward", types.MethodType(_merging_layer_forward(state, layer_index, slot), layer)
+        )

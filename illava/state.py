@@ -1,0 +1,54 @@
+"""Per-instance patch bookkeeping: everything `apply` changes is recorded here so `remove` can undo it exactly."""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from typing import Any
+
+from .config import IllavaConfig
+from .trace import IllavaTrace
+
+STATE_ATTRIBUTE = "_illava_state"
+_MISSING = object()
+
+
+class IllavaState:
+    """Lives on a patched model as `model._illava_state`; holds the config, the trace and the undo log."""
+
+    def __init__(self, config: IllavaConfig):
+        self.config = config
+        self.trace = IllavaTrace()
+        self._hooks: list[Any] = []
+        self._attributes: list[tuple[Any, str, Any]] = []
+
+    def set_attribute(self, obj: Any, name: str, value: Any) -> None:
+        """Set an instance attribute, remembering whether the instance had its own value before."""
+        self._attributes.append((obj, name, obj.__dict__.get(name, _MISSING)))
+        setattr(obj, name, value)
+
+    def override_method(self, obj: Any, name: str, function: Callable) -> None:
+        """Bind `function(obj, original, *args, **kwargs)` as `obj.name` on this instance only."""
+        original = getattr(obj, name)
+
+        # Keep the original signature visible: generate() inspects `get_*_features` to pick its arguments.
+        @functools.wraps(getattr(original, "__func__", original))
+        def method(self_obj, *args, **kwargs):
+            return function(self_obj, original, *args, **kwargs)
+
+        self.set_attribute(obj, name, types.MethodType(method, obj))
+
+    def add_hook(self, handle: Any) -> None:
+        self._hooks.append(handle)
+
+    def undo(self) -> None:
+        for handle in reversed(self._hooks):
+            handle.remove()
+        for obj, name, previous in reversed(self._attributes):
+            if previous is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, previous)
+        self._hooks.clear()
+        self._attributes.clear()

@@ -1,0 +1,49 @@
+"""What the last forward did: token counts per merge layer and which original patches each survivor stands for."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class VisionTrace:
+    """One call of the vision encoder (all crops of the images in a batch, or all frames of the videos).
+
+    Groups are the encoder's batch rows (crops or frames), in the order the encoder saw them;
+    `groups_per_item[i]` of them belong to image/video i.
+    """
+
+    modality: str  # "image", "video", or "vision" when the encoder was called directly
+    grid: tuple[int, int]  # (rows, cols) of one group's original patch grid
+    merge_layers: tuple[int, ...]
+    tokens_per_group: list[int]  # before the first merge layer, then after each one
+    positions: torch.Tensor  # [G, K] original raster index (row * cols + col) of each survivor
+    sources: torch.Tensor | None = None  # [G, rows*cols]: index of the survivor each original patch went into
+    groups_per_item: list[int] | None = None
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.positions.shape[0])
+
+    def survivor_coordinates(self) -> torch.Tensor:
+        """`[G, K, 2]` original (row, col) of each survivor."""
+        cols = self.grid[1]
+        return torch.stack((self.positions // cols, self.positions % cols), dim=-1)
+
+    def source_map(self) -> torch.Tensor:
+        """`[G, rows, cols]`: for each original patch, the survivor (index within its group) it was merged into."""
+        if self.sources is None:
+            raise RuntimeError("sources were not recorded; apply illava with illava_track_vit_source=True")
+        return self.sources.view(-1, *self.grid)
+
+
+@dataclasses.dataclass
+class IllavaTrace:
+    """Everything recorded during the last forward that ran the vision encoder."""
+
+    vision: list[VisionTrace] = dataclasses.field(default_factory=list)
+
+    def by_modality(self, modality: str) -> list[VisionTrace]:
+        return [entry for entry in self.vision if entry.modality == modality]
