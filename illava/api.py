@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -56,6 +57,16 @@ def remove(model):
     state.undo()
     delattr(model, STATE_ATTRIBUTE)
     return model
+
+
+@contextlib.contextmanager
+def applied(model, config: IllavaConfig | Mapping[str, Any] | None = None, processor=None, **options):
+    """`with illava.applied(model, config, processor=p): ...` applies on entry and removes on exit."""
+    apply(model, config, processor=processor, **options)
+    try:
+        yield model
+    finally:
+        remove(model)
 
 
 def is_applied(model) -> bool:

@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from illava import merge
+
+
+def test_rank_weights_target_and_order():
+    x = torch.arange(6, dtype=torch.float32)[None, :, None] * torch.ones(1, 6, 2)  # token i has value i
+    scores = torch.tensor([[0.5, 0.1, 0.9, 0.2, 0.3, 0.8]])
+    merged, plan = merge.merge_tokens(x, scores, r=2)
+    # lowest three, lowest first: token 1 (w=3), token 3 (w=2), token 4 (w=1); token 4 receives the mean
+    assert plan.members[0].tolist() == [1, 3, 4]
+    assert plan.weights[0].tolist() == [3.0, 2.0, 1.0]
+    assert plan.target.tolist() == [4]
+    expected_mean = (3 * 1 + 2 * 3 + 1 * 4) / 6
+    # survivors in original order: 0, 2, 4 (merged), 5
+    assert merged[0, :, 0].tolist() == pytest.approx([0.0, 2.0, expected_mean, 5.0])
+    assert plan.keep[0].tolist() == [True, False, True, False, True, True]
+
+
+def test_r_zero_is_identity():
+    x = torch.randn(3, 7, 4)
+    merged, plan = merge.merge_tokens(x, torch.rand(3, 7), r=0)
+    assert torch.equal(merged, x)
+
+
+def test_groups_never_mix():
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 8)
+    scores = torch.rand(2, 10)
+    merged, _ = merge.merge_tokens(x, scores, r=4)
+    x_changed, scores_changed = x.clone(), scores.clone()
+    x_changed[1] = torch.randn(10, 8) * 100
+    scores_changed[1] = torch.rand(10)
+    merged_changed, _ = merge.merge_tokens(x_changed, scores_changed, r=4)
+    assert torch.equal(merged[0], merged_changed[0])
+    assert not torch.equal(merged[1], merged_changed[1])
+
+
+def test_bf16_accumulates_in_fp32_and_returns_bf16():
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 256).to(torch.bfloat16)
+    scores = torch.arange(64.0)[None]  # token i has rank i
+    merged, _ = merge.merge_tokens(x, scores, r=63)
+    assert merged.dtype == torch.bfloat16 and merged.shape == (1, 1, 256)
+    weights = torch.arange(64, 0, -1, dtype=torch.float32)
+    fp32_mean = (x[0].float() * weights[:, None]).sum(0) / weights.sum()
+    assert torch.equal(merged[0, 0], fp32_mean.to(torch.bfloat16))
+    # accumulating in bf16 instead would round the running sums and land elsewhere for some channels
+    running = torch.zeros(256, dtype=torch.bfloat16)
+    for weight, row in zip(weights.to(torch.bfloat16), x[0]):
+        running = running + weight * row
+    assert not torch.equal(running / weights.sum().to(torch.bfloat16), merged[0, 0])
+
+
+def test_variable_r_and_padding_mask():
+    x = torch.arange(12, dtype=torch.float32).view(2, 6, 1)
+    scores = torch.tensor([[0.3, 0.1, 0.2, 0.9, 0.0, 0.0], [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])
+    valid = torch.tensor([[True, True, True, True, False, False], [True] * 6])
+    plan = merge.plan_merge(scores, torch.tensor([1, 2]), valid=valid)
+    # group 0: padding (score 0) is never chosen; lowest two valid are 1 (w=2) then 2 (w=1)
+    assert plan.keep[0].tolist() == [True, False, True, True, False, False]
+    assert plan.target.tolist() == [2, 3]
+    out = merge.apply_merge(x, plan)
+    assert out[0, 2, 0].item() == pytest.approx((2 * 1 + 1 * 2) / 3)
+    assert out[1, 3, 0].item() == pytest.approx((3 * 11 + 2 * 10 + 1 * 9) / 6)
+    assert plan.kept_counts.tolist() == [3, 4]
+
+
+def test_too_large_r_is_refused():
+    with pytest.raises(ValueError, match="r=\\[5\\]"):
+        merge.plan_merge(torch.rand(1, 5), 5)
+
+
+def test_sources_follow_every_merge():
+    torch.manual_seed(1)
+    groups, tokens = 3, 20
+    x = torch.randn(groups, tokens, 4)
+    positions = merge.initial_sources(groups, tokens, "cpu")
+    sources = positions.clone()
+    # reference: an explicit N x N membership matrix, merged by hand
+    membership = torch.eye(tokens).repeat(groups, 1, 1)  # [G, current, original]
+    for r in (3, 5, 2):
+        scores = torch.rand(groups, x.shape[1])
+        plan = merge.plan_merge(scores, r)
+        x = merge.compact(merge.apply_merge(x, plan), plan.keep)
+        positions = merge.update_positions(positions, plan)
+        sources = merge.update_sources(sources, plan)
+        for g in range(groups):
+            for member in plan.members[g, :r]:
+                membership[g, plan.target[g]] += membership[g, member]
+        membership = membership[plan.keep].view(groups, -1, tokens)
+    assert sources.shape == (groups, tokens)
+    assert torch.equal(membership.argmax(dim=1), sources)
+    assert torch.equal(membership.sum(dim=1), torch.ones(groups, tokens))
+    # every survivor stands for its own original position
+    assert torch.equal(sources.gather(1, positions), torch.arange(positions.shape[1]).expand_as(positions))
+
+
+def _eager_received(query, key, scale):
+    probs = (query @ key.transpose(-1, -2) * scale).softmax(dim=-1)
+    return probs.mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("tokens", [5, 300])
+def test_attention_received_matches_full_softmax(monkeypatch, tokens):
+    torch.manual_seed(0)
+    query, key = torch.randn(2, 3, tokens, 8), torch.randn(2, 3, tokens, 8)
+    monkeypatch.setattr(merge, "_SCORE_CHUNK_ELEMENTS", 2 * 3 * tokens * 7)  # force several query chunks
+    received = merge.attention_received(query, key, 8**-0.5)
+    torch.testing.assert_close(received, _eager_received(query, key, 8**-0.5))
+    torch.testing.assert_close(received.sum(dim=1), torch.ones(2))
+
+
+def test_attention_received_grouped_query_and_padding():
+    torch.manual_seed(0)
+    query, key = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    valid = torch.tensor([[True, True, True, True, False, False]])
+    received = merge.attention_received(query, key, 0.3, valid=valid)
+    expected = _eager_received(query[:, :, :4], key.repeat_interleave(2, dim=1)[:, :, :4], 0.3)
+    torch.testing.assert_close(received[:, :4], expected)
+    assert received[0, 4:].tolist() == [0.0, 0.0]
