@@ -148,9 +148,9 @@ def test_changing_one_image_leaves_the_other_images_features_unchanged(siglip384
         second = image_prompt(processor, [random_image(384, 384, seed=1), random_image(384, 384, seed=9)])
         a = model(**first).image_hidden_states
         b = model(**second).image_hidden_states
+        assert illava.last_trace(model).vision[0].groups_per_item == [1, 1]
     per_image = 361 + 1  # several images in one prompt: base crop only, then a newline
     assert a.shape[0] == 2 * per_image
-    assert illava.last_trace(model).vision[0].groups_per_item == [1, 1]
     torch.testing.assert_close(a[:per_image], b[:per_image], rtol=0, atol=1e-6)
     assert not torch.allclose(a[per_image:], b[per_image:])
 
