@@ -141,3 +141,68 @@ def attention_received(
         received += probs.sum(dim=(1, 2))
     queries = valid.sum(dim=1, keepdim=True).float() if valid is not None else float(num_tokens)
     return received / (num_heads * queries)
+
+
+def last_query_attention(
+    query: torch.Tensor, key: torch.Tensor, scale: float, key_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention of one query row per sequence, averaged over query heads: `[B, N]` fp32.
+
+    `query [B, Hq, d]`, `key [B, Hk, N, d]` (Hq a multiple of Hk), `key_valid [B, N]` marks attendable keys.
+    """
+    num_heads = query.shape[1]
+    if key.shape[1] != num_heads:
+        key = key.repeat_interleave(num_heads // key.shape[1], dim=1)
+    logits = torch.einsum("bhd,bhnd->bhn", query.float(), key.float()) * scale
+    if key_valid is not None:
+        logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+@dataclasses.dataclass
+class SpanMerge:
+    """Result of merging inside spans of a batch of sequences."""
+
+    hidden: torch.Tensor  # [B, L, D]: targets hold their span's merged value
+    keep: torch.Tensor  # [B, L] bool: False where a token was merged away
+    representative: torch.Tensor  # [B, L] long: position now standing for each position (itself if kept)
+
+
+def merge_spans(
+    hidden: torch.Tensor, scores: torch.Tensor, span: torch.Tensor, tokens_removed
+) -> SpanMerge:
+    """Merge inside every span of `hidden [B, L, D]` independently.
+
+    `span [B, L]` holds a span id (>= 0, unique across the batch) for candidate tokens and -1 elsewhere;
+    `tokens_removed(n)` is how many tokens a span of n loses. Spans may differ in length.
+    """
+    batch, length, dim = hidden.shape
+    device = hidden.device
+    keep = torch.ones(batch, length, dtype=torch.bool, device=device)
+    representative = torch.arange(length, device=device).repeat(batch, 1)
+    flat_span = span.flatten()
+    candidates = (flat_span >= 0).nonzero().squeeze(1)
+    if candidates.numel() == 0:
+        return SpanMerge(hidden, keep, representative)
+    # group the candidates by span, positions ascending inside each span
+    candidates = candidates[flat_span[candidates].argsort(stable=True)]
+    span_ids, sizes = torch.unique_consecutive(flat_span[candidates], return_counts=True)
+    num_spans, longest = span_ids.numel(), int(sizes.max())
+    slot = torch.arange(longest, device=device)
+    valid = slot[None, :] < sizes[:, None]
+    grouped = torch.zeros(num_spans, longest, dtype=torch.long, device=device)
+    grouped[valid] = candidates
+    r = torch.tensor([tokens_removed(int(size)) for size in sizes.tolist()], device=device)
+    if int(r.max()) == 0:
+        return SpanMerge(hidden, keep, representative)
+    plan = plan_merge(scores.flatten()[grouped], r, valid=valid)
+    flat_hidden = hidden.reshape(batch * length, dim)
+    merged = apply_merge(flat_hidden[grouped], plan)
+    out = flat_hidden.clone()
+    target_flat = grouped.gather(1, plan.target[:, None]).squeeze(1)
+    out[target_flat] = merged[torch.arange(num_spans, device=device), plan.target]
+    dropped = valid & ~plan.keep
+    keep.view(-1)[grouped[dropped]] = False
+    position = representative.view(-1)
+    position[grouped[dropped]] = (target_flat % length)[:, None].expand_as(grouped)[dropped]
+    return SpanMerge(out.view(batch, length, dim), keep, representative)

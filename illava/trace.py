@@ -40,10 +40,36 @@ class VisionTrace:
 
 
 @dataclasses.dataclass
+class LanguageTrace:
+    """One LLM merge layer of the last prefill.
+
+    Positions are indices into the prompt the language model received (placeholders expanded); the batch may
+    be padded on the left after merging, where `positions` holds -1.
+    """
+
+    layer: int
+    positions: torch.Tensor  # [B, L']: original position of each token that layers >= `layer` see
+    visual_tokens_per_span: list[int]  # tokens left in each image/video span, spans in prompt order
+    representatives: torch.Tensor | None = None  # [B, L]: position of the survivor standing for each position
+
+    def kept_positions(self, sample: int) -> torch.Tensor:
+        row = self.positions[sample]
+        return row[row >= 0]
+
+
+@dataclasses.dataclass
 class IllavaTrace:
     """Everything recorded during the last forward that ran the vision encoder."""
 
     vision: list[VisionTrace] = dataclasses.field(default_factory=list)
+    language: list[LanguageTrace] = dataclasses.field(default_factory=list)
+    # LLM placeholder tokens per image / per video, in prompt order (all samples of the batch)
+    tokens_per_item: dict[str, list[int]] = dataclasses.field(default_factory=lambda: {"image": [], "video": []})
+
+    def clear(self) -> None:
+        self.vision.clear()
+        self.language.clear()
+        self.tokens_per_item = {"image": [], "video": []}
 
     def by_modality(self, modality: str) -> list[VisionTrace]:
         return [entry for entry in self.vision if entry.modality == modality]

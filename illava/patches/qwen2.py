@@ -1,0 +1,418 @@
+"""LLM-stage merging inside a Qwen2-style decoder stack (`Qwen2Model`, and any text model whose layers are called
+as `layer(hidden_states, attention_mask=, position_ids=, past_key_values=, position_embeddings=(cos, sin))` with
+`self_attn.{q,k}_proj`, rotate-half RoPE and a `scaling` attribute; checked on transformers 5.23).
+
+Prefill, at each merge layer k: the visual tokens of every image/video span are scored by the attention the
+last prompt token pays them in layer k-1 (one query row from that layer's q and k, captured by hooks on the
+projections, so any attention backend works), and each span loses `illava_llm_r` tokens by the iLLaVA merge.
+Layers >= k run on the shortened sequence: their hidden states, rotary cos/sin, position ids and mask are
+gathered at the kept positions (positions stay in the original index space). Samples of a batch that keep
+different counts are left-padded with masked slots so the batch stays rectangular and the last token stays last.
+The output is scattered back to the full length, so logits line up with the input for every caller.
+
+The KV cache of layers >= k holds only kept tokens; a plan attached to the cache tells later forwards (decode
+steps, continued generation) which original positions those entries stand for, so their mask columns are
+`kept + new positions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import DynamicCache
+
+from .. import merge
+from ..state import IllavaState
+from ..trace import LanguageTrace
+
+CACHE_PLAN_ATTRIBUTE = "_illava_plan"
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+
+@dataclasses.dataclass
+class Layout:
+    """Which original positions the (shortened) sequence of a range of layers holds."""
+
+    index: torch.Tensor  # [B, L'] original position per slot (0 in padding slots)
+    valid: torch.Tensor  # [B, L'] False for padding slots inserted to keep the batch rectangular
+    span: torch.Tensor  # [B, L'] image/video span id, -1 for text and padding
+
+    def has_padding_slots(self) -> bool:
+        return not bool(self.valid.all())
+
+
+@dataclasses.dataclass
+class CachePlan:
+    """Attached to a KV cache after a merged prefill: the layout each layer's cache entries follow."""
+
+    prefill_length: int
+    layouts: list[tuple[int, Layout]]  # (first layer using it, layout), ascending
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Follow the cache when generate() reorders or selects its batch rows (beam search)."""
+        self.layouts = [
+            (first, Layout(layout.index[rows], layout.valid[rows], layout.span[rows])) for first, layout in self.layouts
+        ]
+
+    def layout_for(self, layer: int) -> Layout | None:
+        chosen = None
+        for first_layer, layout in self.layouts:
+            if first_layer <= layer:
+                chosen = layout
+        return chosen
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _gather_positions(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather the sequence dimension (last) of `[..., B or 1, L]` at `index [B, L']`."""
+    batch = index.shape[0]
+    expanded = tensor.expand(*tensor.shape[:-2], batch, tensor.shape[-1])
+    return expanded.gather(-1, index.expand(*tensor.shape[:-2], *index.shape))
+
+
+def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather dim 1 of `[B or 1, L, d]` at `index [B, L']`."""
+    expanded = tensor.expand(index.shape[0], *tensor.shape[1:])
+    return expanded.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
+
+
+def slice_mask(mask, rows, row_original, row_is_padding, columns, column_valid, implementation, dtype):
+    """The attention mask of a shortened sequence, in the format the attention implementation expects.
+
+    `rows [B, Q]`: the rows of the full mask the queries take (their original positions `row_original`);
+    `columns [B, K]`: the original positions of the keys, `column_valid [B, K]` False at padding slots;
+    `row_is_padding [B, Q]`: padding-slot queries, which attend only to their own slot so no row is fully masked.
+    A mask of None (causal, no padding) stays None while no padding slot exists.
+    """
+    batch, num_rows = rows.shape
+    needs_padding = not bool(column_valid.all())
+    if "flash" in implementation:  # a [B, K] padding mask; causality is implicit
+        if mask is None:
+            return column_valid.long() if needs_padding else None
+        return mask.gather(1, columns).bool().logical_and(column_valid).to(mask.dtype)
+    if mask is None:
+        if not needs_padding:
+            return None
+        allowed = (columns[:, None, :] <= row_original[:, :, None])[:, None]
+    else:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            raise NotImplementedError(f"illava: LLM merging cannot slice an attention mask of type {type(mask)}")
+        full = mask.expand(batch, *mask.shape[1:])
+        picked = full.gather(2, rows[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3]))
+        picked = picked.gather(3, columns[:, None, None, :].expand(-1, full.shape[1], num_rows, -1))
+        allowed = picked if picked.dtype == torch.bool else picked == 0
+    allowed = allowed & column_valid[:, None, None, :]
+    if bool(row_is_padding.any()):
+        slots = torch.arange(columns.shape[1], device=columns.device)
+        own_slot = slots[None, :] == torch.arange(num_rows, device=columns.device)[:, None]
+        allowed = torch.where(row_is_padding[:, None, :, None], own_slot[None, None], allowed)
+    if implementation == "eager" or (mask is not None and mask.dtype != torch.bool):
+        float_dtype = mask.dtype if mask is not None else dtype
+        return torch.zeros_like(allowed, dtype=float_dtype).masked_fill(~allowed, torch.finfo(float_dtype).min)
+    return allowed
+
+
+class _Prefill:
+    """Per-forward state of a prefill that merges."""
+
+    def __init__(self, span: torch.Tensor, key_mask: torch.Tensor | None, track_sources: bool):
+        batch, length = span.shape
+        self.length = length
+        self.initial_span = span
+        self.key_mask = key_mask  # [B, L] bool from the 2-D attention mask, or None
+        self.layout: Layout | None = None
+        self.layouts: list[tuple[int, Layout]] = []
+        self.sliced: dict | None = None
+        self.capture: dict = {}
+        self.representatives = (
+            torch.arange(length, device=span.device).repeat(batch, 1) if track_sources else None
+        )
+
+    def current(self) -> Layout:
+        if self.layout is not None:
+            return self.layout
+        batch, length = self.initial_span.shape
+        index = torch.arange(length, device=self.initial_span.device).repeat(batch, 1)
+        return Layout(index=index, valid=torch.ones_like(index, dtype=torch.bool), span=self.initial_span)
+
+    def attendable(self, layout: Layout) -> torch.Tensor:
+        if self.key_mask is None:
+            return layout.valid
+        return layout.valid & self.key_mask.gather(1, layout.index)
+
+
+class _Continuation:
+    """Per-forward state of a forward on top of a merged cache (decode steps, continued prompts)."""
+
+    def __init__(self, plan: CachePlan, past_length: int, new_tokens: int):
+        self.plan = plan
+        self.past_length = past_length
+        self.new_tokens = new_tokens
+        self.masks: dict[int, object] = {}
+
+
+class LanguageModelMerger:
+    """Installs the LLM stage on one decoder stack. The family patch feeds it the visual spans of each forward."""
+
+    def __init__(self, state: IllavaState, language_model):
+        self.state = state
+        self.config = state.config
+        self.language_model = language_model
+        self.merge_layers = set(self.config.illava_llm_k)
+        self.pending_spans: list[torch.Tensor] = []  # [B, L] span ids per modality, set before the forward
+        self.run: _Prefill | _Continuation | None = None
+        implementation = language_model.config._attn_implementation
+        if implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"illava: LLM merging supports attention implementations {SUPPORTED_ATTENTION}, "
+                f"the language model uses {implementation!r}"
+            )
+        layers = language_model.layers
+        state.add_hook(language_model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        state.add_hook(language_model.register_forward_hook(self._after_model, with_kwargs=True, always_call=True))
+        for index in range(min(self.merge_layers) - 1, len(layers)):
+            layer = layers[index]
+            state.add_hook(layer.register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
+            if index + 1 in self.merge_layers:
+                attention = layer.self_attn
+                state.add_hook(attention.q_proj.register_forward_hook(self._capture_query))
+                state.add_hook(attention.k_proj.register_forward_hook(self._capture_key))
+
+    # -- per forward ---------------------------------------------------------------------------------------
+
+    def _before_model(self, module, args, kwargs):
+        spans, self.pending_spans = self.pending_spans, []
+        cache = kwargs.get("past_key_values")
+        plan = getattr(cache, CACHE_PLAN_ATTRIBUTE, None) if cache is not None else None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = kwargs.get("input_ids", args[0] if args else None)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        span = self._combine(spans) if spans else None
+        if span is not None and bool((span >= 0).any()):
+            if cache is not None and not isinstance(cache, DynamicCache):
+                raise ValueError(
+                    f"illava: LLM merging keeps a shorter KV cache in merged layers and needs a DynamicCache, "
+                    f"got {type(cache).__name__}"
+                )
+            if past_length > 0:
+                raise ValueError(
+                    "illava: LLM merging of a prompt with images/videos needs an empty KV cache "
+                    f"(this one already holds {past_length} tokens); chunked prefill is not supported"
+                )
+            attention_mask = kwargs.get("attention_mask")
+            key_mask = attention_mask.bool() if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            self.run = _Prefill(span, key_mask, self.config.illava_track_llm_source)
+            self.state.trace.language.clear()
+        elif plan is not None:
+            self.run = _Continuation(plan, past_length, embeds.shape[1])
+        else:
+            self.run = None
+
+    @staticmethod
+    def _combine(spans: list[torch.Tensor]) -> torch.Tensor:
+        combined = spans[0].clone()
+        for extra in spans[1:]:
+            offset = int(combined.max()) + 1
+            combined = torch.where(extra >= 0, extra + offset, combined)
+        return combined
+
+    def _after_model(self, module, args, kwargs, output):
+        run, self.run = self.run, None
+        if not isinstance(run, _Prefill) or run.layout is None or output is None:
+            return output
+        cache = output.past_key_values if output.past_key_values is not None else kwargs.get("past_key_values")
+        if cache is not None:
+            _attach_plan(cache, CachePlan(prefill_length=run.length, layouts=run.layouts))
+        output.last_hidden_state = self._scatter_back(output.last_hidden_state, run.layout, run.length)
+        return output
+
+    @staticmethod
+    def _scatter_back(hidden: torch.Tensor, layout: Layout, length: int) -> torch.Tensor:
+        """`[B, L', D]` -> `[B, L, D]` at the original positions; merged-away positions hold zeros."""
+        full = hidden.new_zeros(hidden.shape[0], length, hidden.shape[-1])
+        batch_index, slot = layout.valid.nonzero(as_tuple=True)
+        full[batch_index, layout.index[batch_index, slot]] = hidden[batch_index, slot]
+        return full
+
+    # -- per layer -----------------------------------------------------------------------------------------
+
+    def _before_layer(self, layer_index: int):
+        def hook(module, args, kwargs):
+            run = self.run
+            if isinstance(run, _Prefill):
+                return self._prefill_layer(run, layer_index, args, kwargs)
+            if isinstance(run, _Continuation):
+                return self._continuation_layer(run, layer_index, args, kwargs)
+            return None
+
+        return hook
+
+    def _prefill_layer(self, run: _Prefill, layer_index: int, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if layer_index in self.merge_layers:
+            hidden = self._merge(run, layer_index, hidden)
+        if run.layout is not None:
+            if run.sliced is None:
+                run.sliced = self._slice_prefill_inputs(run.layout, kwargs)
+            kwargs.update(run.sliced)
+        if layer_index + 1 in self.merge_layers:
+            layout = run.current()
+            attendable = run.attendable(layout)
+            last = (attendable.long() * torch.arange(1, attendable.shape[1] + 1, device=hidden.device)).argmax(1)
+            run.capture = {"last": last, "attendable": attendable, "rotary": kwargs["position_embeddings"]}
+        return (hidden, *args[1:]), kwargs
+
+    def _capture_query(self, module, inputs, output):
+        if isinstance(self.run, _Prefill) and "last" in self.run.capture:
+            last = self.run.capture["last"]
+            self.run.capture["query"] = output[torch.arange(output.shape[0], device=output.device), last]
+
+    def _capture_key(self, module, inputs, output):
+        if isinstance(self.run, _Prefill) and "last" in self.run.capture:
+            self.run.capture["key"] = output
+
+    def _scores(self, run: _Prefill, layer_index: int) -> torch.Tensor:
+        capture, run.capture = run.capture, {}
+        attention = self.language_model.layers[layer_index - 1].self_attn
+        head_dim = attention.head_dim
+        batch = capture["key"].shape[0]
+        cos, sin = (part.float().expand(batch, *part.shape[1:]) for part in capture["rotary"])
+        rows = torch.arange(batch, device=cos.device)
+        last = capture["last"]
+        query = capture["query"].float().view(batch, -1, head_dim)
+        query = _rotate(query, cos[rows, last][:, None], sin[rows, last][:, None])
+        key = capture["key"].float().view(batch, capture["key"].shape[1], -1, head_dim).transpose(1, 2)
+        key = _rotate(key, cos[:, None], sin[:, None])
+        return merge.last_query_attention(query, key, attention.scaling, capture["attendable"])
+
+    def _merge(self, run: _Prefill, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        layout = run.current()
+        scores = self._scores(run, layer_index)
+        result = merge.merge_spans(hidden, scores, layout.span, self.config.llm_tokens_removed)
+        keep = result.keep & layout.valid
+        if bool(keep[layout.valid].all()):
+            self._record(run, layer_index, layout)
+            return hidden
+        if run.representatives is not None:
+            self._update_representatives(run, layout, result.representative)
+        new_layout, source_slot = _compact(layout, keep)
+        run.layout, run.sliced = new_layout, None
+        run.layouts.append((layer_index, new_layout))
+        self._record(run, layer_index, new_layout)
+        gathered = result.hidden.gather(1, source_slot[..., None].expand(-1, -1, hidden.shape[-1]))
+        return gathered.masked_fill(~new_layout.valid[..., None], 0)
+
+    @staticmethod
+    def _update_representatives(run: _Prefill, layout: Layout, representative_slot: torch.Tensor) -> None:
+        # slot -> original position of its representative; then follow every original position through it
+        representative_position = layout.index.gather(1, representative_slot)
+        slot_of_position = torch.zeros_like(run.representatives)
+        batch_index, slot = layout.valid.nonzero(as_tuple=True)
+        slot_of_position[batch_index, layout.index[batch_index, slot]] = slot
+        run.representatives = representative_position.gather(1, slot_of_position.gather(1, run.representatives))
+
+    def _record(self, run: _Prefill, layer_index: int, layout: Layout) -> None:
+        spans = layout.span[layout.span >= 0]
+        counts = torch.bincount(spans, minlength=int(run.initial_span.max()) + 1) if spans.numel() else spans
+        self.state.trace.language.append(
+            LanguageTrace(
+                layer=layer_index,
+                positions=layout.index.masked_fill(~layout.valid, -1),
+                visual_tokens_per_span=counts.tolist(),
+                representatives=None if run.representatives is None else run.representatives.clone(),
+            )
+        )
+
+    def _slice_prefill_inputs(self, layout: Layout, kwargs) -> dict:
+        cos, sin = kwargs["position_embeddings"]
+        sliced = {"position_embeddings": (_gather_rows(cos, layout.index), _gather_rows(sin, layout.index))}
+        if kwargs.get("position_ids") is not None:
+            sliced["position_ids"] = _gather_positions(kwargs["position_ids"], layout.index)
+        sliced["attention_mask"] = slice_mask(
+            kwargs.get("attention_mask"),
+            rows=layout.index,
+            row_original=layout.index,
+            row_is_padding=~layout.valid,
+            columns=layout.index,
+            column_valid=layout.valid,
+            implementation=self.language_model.config._attn_implementation,
+            dtype=cos.dtype,
+        )
+        return sliced
+
+    def _continuation_layer(self, run: _Continuation, layer_index: int, args, kwargs):
+        layout = run.plan.layout_for(layer_index)
+        if layout is None:
+            return None
+        cache = kwargs.get("past_key_values")
+        decoded = run.past_length - run.plan.prefill_length
+        expected = layout.index.shape[1] + decoded
+        if cache is not None and cache.get_seq_length(layer_index) != expected:
+            raise RuntimeError(
+                f"illava: layer {layer_index}'s KV cache holds {cache.get_seq_length(layer_index)} entries, the merge "
+                f"plan expects {expected}; the cache was edited (cropped, reordered) outside illava"
+            )
+        key = id(layout)
+        if key not in run.masks:
+            batch, device = layout.index.shape[0], layout.index.device
+            new_positions = torch.arange(run.plan.prefill_length, run.past_length + run.new_tokens, device=device)
+            columns = torch.cat((layout.index, new_positions.expand(batch, -1)), dim=1)
+            column_valid = torch.cat((layout.valid, torch.ones(batch, new_positions.numel(), dtype=torch.bool, device=device)), dim=1)
+            rows = torch.arange(run.new_tokens, device=device).expand(batch, -1)
+            run.masks[key] = slice_mask(
+                kwargs.get("attention_mask"),
+                rows=rows,
+                row_original=rows + run.past_length,
+                row_is_padding=torch.zeros_like(rows, dtype=torch.bool),
+                columns=columns,
+                column_valid=column_valid,
+                implementation=self.language_model.config._attn_implementation,
+                dtype=kwargs["position_embeddings"][0].dtype,
+            )
+        kwargs["attention_mask"] = run.masks[key]
+        return args, kwargs
+
+
+def _compact(layout: Layout, keep: torch.Tensor) -> tuple[Layout, torch.Tensor]:
+    """Drop the slots `keep` rejects; left-pad samples that keep fewer so the batch stays rectangular.
+
+    Returns the new layout and, per new slot, the slot of the old layout it comes from.
+    """
+    counts = keep.sum(dim=1)
+    length = int(counts.max())
+    batch_index, old_slot = keep.nonzero(as_tuple=True)
+    new_slot = (keep.long().cumsum(dim=1) - 1 + (length - counts)[:, None])[batch_index, old_slot]
+    source_slot = torch.zeros(keep.shape[0], length, dtype=torch.long, device=keep.device)
+    source_slot[batch_index, new_slot] = old_slot
+    valid = torch.zeros(keep.shape[0], length, dtype=torch.bool, device=keep.device)
+    valid[batch_index, new_slot] = True
+    index = layout.index.gather(1, source_slot).masked_fill(~valid, 0)
+    span = layout.span.gather(1, source_slot).masked_fill(~valid, -1)
+    return Layout(index=index, valid=valid, span=span), source_slot
+
+
+def _attach_plan(cache, plan: CachePlan) -> None:
+    """Store the plan on the cache; batch-row edits of the cache (beam search) are applied to the plan too."""
+    if getattr(cache, CACHE_PLAN_ATTRIBUTE, None) is None:
+        for name, rows_of in (
+            ("reorder_cache", lambda argument, batch: argument),
+            ("batch_select_indices", lambda argument, batch: argument),
+            ("batch_repeat_interleave", lambda argument, batch: torch.arange(batch).repeat_interleave(argument)),
+        ):
+            original = getattr(cache, name)
+
+            def edit_rows(argument, original=original, rows_of=rows_of):
+                original(argument)
+                current = getattr(cache, CACHE_PLAN_ATTRIBUTE)
+                batch = current.layouts[0][1].index.shape[0]
+                current.select_rows(torch.as_tensor(rows_of(argument, batch)).to(current.layouts[0][1].index.device))
+
+            setattr(cache, name, edit_rows)
+    setattr(cache, CACHE_PLAN_ATTRIBUTE, plan)

@@ -1,0 +1,256 @@
+"""LLM-stage merging (Qwen2 decoder layers of LLaVA-OneVision)."""
+
+import pytest
+import torch
+
+import illava
+from illava import merge
+from illava.patches.qwen2 import LanguageModelMerger
+from illava.tiny_models import tiny_llava_onevision
+
+from .conftest import logits_of, random_image, random_video
+
+LLM = dict(enable_illava_llm=True)
+
+
+@pytest.fixture(scope="module", params=["eager", "sdpa"])
+def ov(request):
+    model, processor = tiny_llava_onevision(
+        image_size=56, vision_layers=4, text_layers=6, attn_implementation=request.param, seed=7
+    )
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def prompt(processor, image, text="describe it"):
+    return processor(images=[[image]], text="<image>" + text, return_tensors="pt")
+
+
+def mixed_batch(processor):
+    """Different image sizes, two images in one sample, a video, and different prompt lengths."""
+    samples = [
+        dict(images=[random_image(40, 90, seed=1)], text="<image>describe it"),
+        dict(images=[random_image(56, 56, seed=2)], text="<image>what is this thing here, tell me"),
+        dict(images=[random_image(30, 50, seed=3), random_image(90, 40, seed=4)], text="<image><image>compare"),
+        dict(videos=[random_video(3, seed=5)], text="<video>what happens"),
+    ]
+    return samples
+
+
+def encode(processor, samples):
+    images = [sample["images"] for sample in samples if "images" in sample]
+    videos = [video for sample in samples for video in sample.get("videos", [])]
+    return processor(
+        images=images or None,
+        videos=videos or None,
+        text=[sample["text"] for sample in samples],
+        padding=True,
+        return_tensors="pt",
+    )
+
+
+def greedy(model, inputs, steps=5):
+    out = model.generate(
+        **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+
+
+class ScoreReplay:
+    """Records the LLM-stage scores of one prefill and replays them in a later forward on a longer sequence, so
+    a cache-free recomputation merges exactly the same tokens into exactly the same values."""
+
+    def __init__(self, monkeypatch):
+        self.recorded, self.replaying, self.cursor = [], False, 0
+        original = LanguageModelMerger._scores
+
+        def scores(merger, run, layer_index):
+            fresh = original(merger, run, layer_index)
+            if not self.replaying:
+                self.recorded.append(fresh)
+                return fresh
+            recorded = self.recorded[self.cursor]
+            self.cursor += 1
+            replay = torch.zeros_like(fresh)
+            replay[:, : recorded.shape[1]] = recorded  # the prompt's slots come first; extra tokens follow
+            return replay
+
+        monkeypatch.setattr(LanguageModelMerger, "_scores", scores)
+
+    def start(self):
+        self.replaying, self.cursor = True, 0
+
+
+def generate_position_ids(attention_mask):
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+# -- equality with the unpatched model ----------------------------------------------------------------------
+
+
+def test_disabled_keep_all_and_text_only_equal_unpatched(ov):
+    model, processor = ov
+    inputs = prompt(processor, random_image(40, 90))
+    text_only = processor(text="just some words", return_tensors="pt")
+    baseline, text_baseline = logits_of(model, inputs), logits_of(model, text_only)
+    for options in (dict(enable_illava_llm=False), dict(illava_llm_k="2-3", illava_llm_r=0, **LLM)):
+        with illava.applied(model, processor=processor, **options):
+            assert torch.equal(logits_of(model, inputs), baseline)
+    with illava.applied(model, illava_llm_k="2", illava_llm_r=0.5, processor=processor, **LLM):
+        assert not torch.equal(logits_of(model, inputs), baseline)
+        assert torch.equal(logits_of(model, text_only), text_baseline)
+    assert torch.equal(logits_of(model, inputs), baseline)
+    for layer in model.model.language_model.layers:
+        assert not layer._forward_pre_hooks and not layer.self_attn.q_proj._forward_hooks
+
+
+def test_token_counts_and_output_alignment(ov):
+    model, processor = ov
+    inputs = prompt(processor, random_image(40, 90))
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with illava.applied(model, illava_llm_k="2-4", illava_llm_r=0.5, processor=processor, **LLM):
+        logits = logits_of(model, inputs)
+        first, second = illava.last_trace(model).language
+    assert logits.shape[:2] == inputs["input_ids"].shape  # scattered back: logits line up with the input
+    assert first.layer == 2 and first.visual_tokens_per_span == [visual // 2]
+    assert second.layer == 4 and second.visual_tokens_per_span == [visual // 2 // 2]
+    text = inputs["input_ids"].shape[1] - visual
+    assert first.positions.shape[1] == text + visual // 2
+    # text positions all survive, visual survivors are a subset, everything stays in order
+    kept = second.kept_positions(0)
+    assert torch.all(kept[1:] > kept[:-1])
+    is_visual = inputs["input_ids"][0] == model.config.image_token_id
+    assert torch.equal(kept[~is_visual[kept]], (~is_visual).nonzero().squeeze(1))
+
+
+def test_merge_decisions_match_eager_attention_probabilities(ov):
+    model, processor = ov
+    inputs = prompt(processor, random_image(40, 90))
+    layer = 3
+    reference_model, _ = tiny_llava_onevision(
+        image_size=56, vision_layers=4, text_layers=6, attn_implementation="eager", seed=7
+    )
+    with torch.no_grad():
+        attentions = reference_model(**inputs, output_attentions=True).attentions
+    scores = attentions[layer - 1][:, :, -1, :].float().mean(dim=1)  # last token, mean over heads
+    is_visual = inputs["input_ids"] == model.config.image_token_id
+    candidates = is_visual[0].nonzero().squeeze(1)
+    plan = merge.plan_merge(scores[:, candidates], r=len(candidates) - int(0.6 * len(candidates)))
+    expected_dropped = set(candidates[~plan.keep[0]].tolist())
+    with illava.applied(model, illava_llm_k=str(layer), illava_llm_r=0.6, processor=processor, **LLM):
+        logits_of(model, inputs)
+        kept = set(illava.last_trace(model).language[0].kept_positions(0).tolist())
+    assert kept == set(range(inputs["input_ids"].shape[1])) - expected_dropped
+
+
+def test_cached_generation_equals_cache_free_replay(ov, monkeypatch):
+    """Every decode step's logits equal a full recomputation without cache that merges the same tokens into the
+    same values: any off-by-one in the decode mask columns, positions or cache slices breaks this."""
+    model, processor = ov
+    replay = ScoreReplay(monkeypatch)
+    batch = encode(processor, mixed_batch(processor)[:3])
+    with illava.applied(model, illava_llm_k="2-4", illava_llm_r=0.6, processor=processor, **LLM):
+        tokens, step_logits = greedy(model, batch, steps=5)
+        layouts = illava.last_trace(model).language
+        assert bool((layouts[0].positions < 0).any())  # samples kept different counts: padding slots in play
+        replay.start()
+        sequence = torch.cat((batch["input_ids"], tokens), dim=1)
+        attention_mask = torch.cat((batch["attention_mask"], torch.ones_like(tokens)), dim=1)
+        full = dict(batch, input_ids=sequence, attention_mask=attention_mask)
+        with torch.no_grad():
+            logits = model(**full, position_ids=generate_position_ids(attention_mask), use_cache=False).logits
+    prompt_length = batch["input_ids"].shape[1]
+    recomputed = logits[:, prompt_length - 1 : -1]
+    torch.testing.assert_close(recomputed, step_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(recomputed.argmax(-1), tokens)
+
+
+def test_continuing_from_returned_cache(ov, monkeypatch):
+    model, processor = ov
+    replay = ScoreReplay(monkeypatch)
+    inputs = prompt(processor, random_image(40, 90))
+    with illava.applied(model, illava_llm_k="2-4", illava_llm_r=0.5, processor=processor, **LLM):
+        at_once = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        resumed = model.generate(
+            input_ids=first.sequences, attention_mask=torch.ones_like(first.sequences),
+            past_key_values=first.past_key_values, max_new_tokens=3, do_sample=False,
+        )
+        assert torch.equal(resumed, at_once)
+
+        # several new tokens at once on top of the merged cache: the last generated token plus two more
+        first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        sequence = torch.cat((first.sequences, torch.tensor([[65, 66]])), dim=1)
+        with torch.no_grad():
+            continued = model(
+                input_ids=sequence[:, -3:], past_key_values=first.past_key_values, use_cache=True,
+                attention_mask=torch.ones_like(sequence),
+            ).logits
+        replay.recorded = replay.recorded[-2:]  # the scores of the last prefill
+        replay.start()
+        with torch.no_grad():
+            full = model(**dict(inputs, input_ids=sequence, attention_mask=torch.ones_like(sequence))).logits
+    torch.testing.assert_close(continued, full[:, -3:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_batch_gives_the_same_greedy_tokens_as_samples_alone(ov, size):
+    model, processor = ov
+    samples = mixed_batch(processor)[:size]
+    with illava.applied(
+        model, illava_vit_k="1", illava_vit_r=3, illava_llm_k="2-3", illava_llm_r=0.7, processor=processor,
+        enable_illava_vit=True, **LLM,
+    ):
+        batched_tokens, batched_logits = greedy(model, encode(processor, samples))
+        for index, sample in enumerate(samples):
+            tokens, logits = greedy(model, encode(processor, [sample]))
+            assert torch.equal(batched_tokens[index], tokens[0])
+            torch.testing.assert_close(batched_logits[index], logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_sources_map_every_visual_token_to_a_survivor(ov):
+    model, processor = ov
+    inputs = prompt(processor, random_image(40, 90))
+    with illava.applied(
+        model, illava_llm_k="2-4", illava_llm_r=0.5, illava_track_llm_source=True, processor=processor, **LLM
+    ):
+        logits_of(model, inputs)
+        last = illava.last_trace(model).language[-1]
+    representatives = last.representatives[0]
+    kept = set(last.kept_positions(0).tolist())
+    assert set(representatives.tolist()) == kept  # every position is represented by a survivor
+    assert all(representatives[position].item() == position for position in kept)
+    is_visual = inputs["input_ids"][0] == model.config.image_token_id
+    assert bool(is_visual[representatives[is_visual]].all())  # visual tokens merge only into visual tokens
+
+
+def test_errors(ov):
+    model, processor = ov
+    with pytest.raises(ValueError, match=r"illava_llm_k=2-6: layer\(s\) \[6\] beyond the language model's 6"):
+        illava.apply(model, illava_llm_k="2-6", **LLM)
+    with pytest.raises(ValueError, match="layer 0"):
+        illava.apply(model, illava_llm_k="0", **LLM)
+    inputs = prompt(processor, random_image(40, 90))
+    with illava.applied(model, illava_llm_k="2", processor=processor, **LLM):
+        first = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        with pytest.raises(ValueError, match="empty KV cache"):
+            model(**inputs, past_key_values=first.past_key_values)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with flash-attn")
+def test_flash_attention_2_matches_sdpa_on_gpu():
+    pytest.importorskip("flash_attn")
+    results = {}
+    for backend in ("sdpa", "flash_attention_2"):
+        model, processor = tiny_llava_onevision(image_size=56, vision_layers=4, text_layers=6, seed=7)
+        model = model.to("cuda", torch.bfloat16)
+        model.set_attn_implementation(backend)
+        processor.tokenizer.padding_side = "left"
+        batch = encode(processor, mixed_batch(processor)[:3]).to("cuda")
+        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+        batch["pixel_values_videos"] = batch.get("pixel_values_videos")
+        with illava.applied(model, illava_llm_k="2-4", illava_llm_r=0.6, processor=processor, **LLM):
+            results[backend] = greedy(model, {k: v for k, v in batch.items() if v is not None})
+    assert torch.equal(results["sdpa"][0], results["flash_attention_2"][0])
