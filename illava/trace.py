@@ -22,6 +22,9 @@ class VisionTrace:
     positions: torch.Tensor  # [G, K] original raster index (row * cols + col) of each survivor
     sources: torch.Tensor | None = None  # [G, rows*cols]: index of the survivor each original patch went into
     groups_per_item: list[int] | None = None
+    # [G, K]: index, within its image/video's LLM placeholders, of the feature each survivor ends up in
+    # (-1: cut away by unpadding); downsampled layouts map a survivor to the feature whose cell holds it
+    features: torch.Tensor | None = None
 
     @property
     def num_groups(self) -> int:
@@ -34,9 +37,11 @@ class VisionTrace:
 
     def source_map(self) -> torch.Tensor:
         """`[G, rows, cols]`: for each original patch, the survivor (index within its group) it was merged into."""
-        if self.sources is None:
-            raise RuntimeError("sources were not recorded; apply illava with illava_track_vit_source=True")
-        return self.sources.view(-1, *self.grid)
+        if self.sources is not None:
+            return self.sources.view(-1, *self.grid)
+        if not self.merge_layers:  # nothing merged: every patch is its own survivor
+            return self.positions.view(-1, *self.grid)
+        raise RuntimeError("sources were not recorded; apply illava with illava_track_vit_source=True")
 
 
 @dataclasses.dataclass
@@ -65,11 +70,42 @@ class IllavaTrace:
     language: list[LanguageTrace] = dataclasses.field(default_factory=list)
     # LLM placeholder tokens per image / per video, in prompt order (all samples of the batch)
     tokens_per_item: dict[str, list[int]] = dataclasses.field(default_factory=lambda: {"image": [], "video": []})
+    # [items, 2]: (sample, position of the first placeholder) of each image / video in the prompt
+    item_starts: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def clear(self) -> None:
         self.vision.clear()
         self.language.clear()
         self.tokens_per_item = {"image": [], "video": []}
+        self.item_starts = {}
+
+    def llm_source_map(self, entry: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map every original patch of vision call `entry` through both stages to the LLM token standing for it.
+
+        Returns `(samples [G], positions [G, rows, cols])`: the batch row of each group (crop/frame) and, per
+        original patch, the prompt position of the token that represents it after the last LLM merge layer
+        (after the ViT stage when the LLM stage did not merge), -1 where the layout cut the patch away.
+        """
+        vision = self.vision[entry]
+        if vision.features is None:
+            raise RuntimeError("this vision call has no recorded LLM layout")
+        starts = self.item_starts[vision.modality]
+        item_of_group = torch.repeat_interleave(
+            torch.arange(len(vision.groups_per_item)), torch.tensor(vision.groups_per_item)
+        )
+        offset = sum(
+            len(other.groups_per_item) for other in self.vision[:entry] if other.modality == vision.modality
+        )
+        samples, first = starts[item_of_group + offset].unbind(-1)
+        slot_of_patch = vision.source_map().flatten(1)
+        feature = vision.features.gather(1, slot_of_patch)
+        positions = torch.where(feature >= 0, first[:, None] + feature, -1)
+        if self.language and self.language[-1].representatives is not None:
+            representatives = self.language[-1].representatives.cpu()[samples]
+            positions = torch.where(positions >= 0, representatives.gather(1, positions.clamp(min=0)), -1)
+        elif self.language:
+            raise RuntimeError("LLM sources were not recorded; apply illava with illava_track_llm_source=True")
+        return samples, positions.view(-1, *vision.grid)
 
     def by_modality(self, modality: str) -> list[VisionTrace]:
         return [entry for entry in self.vision if entry.modality == modality]

@@ -283,3 +283,28 @@ def test_unpatched_processor_gets_a_clear_error(small_ov):
     with illava.applied(model, illava_vit_k="1-2", illava_vit_r=2, **VIT):
         with pytest.raises(ValueError, match="processor=processor"):
             model(**inputs)
+
+
+@pytest.mark.parametrize("r", [92, 90, 0])
+def test_recorded_feature_index_matches_the_real_layout(siglip384_ov, r):
+    """Push survivor ids through the model's own layout code and compare with `VisionTrace.features`."""
+    model, processor = siglip384_ov
+    inner = model.model
+    with illava.applied(model, illava_vit_k="5-6-7-8", illava_vit_r=r, processor=processor, **VIT):
+        for images in ([random_image(300, 700)], [random_image(384, 384, seed=1), random_image(200, 400, seed=2)]):
+            inputs = image_prompt(processor, images)
+            model(**inputs)
+            entry = illava.last_trace(model).vision[0]
+            groups, tokens = entry.positions.shape
+            ids = torch.arange(groups * tokens, dtype=torch.float64).view(groups, tokens, 1)
+            per_image = torch.split(ids, entry.groups_per_item)
+            packed, _ = inner.pack_image_features(
+                per_image, inputs["image_sizes"], image_newline=torch.tensor([-1.0], dtype=torch.float64)
+            )
+            starts = torch.tensor([0] + [len(p) for p in packed]).cumsum(0)
+            flat = torch.cat(packed)[:, 0]
+            item = torch.repeat_interleave(torch.arange(len(packed)), torch.tensor(entry.groups_per_item))
+            landed = entry.features >= 0
+            where = (starts[item][:, None] + entry.features)[landed]
+            assert torch.equal(flat[where], ids[..., 0][landed])
+            assert int(landed.sum()) == int((flat >= 0).sum())  # every non-newline feature holds one survivor

@@ -254,3 +254,43 @@ def test_flash_attention_2_matches_sdpa_on_gpu():
         with illava.applied(model, illava_llm_k="2-4", illava_llm_r=0.6, processor=processor, **LLM):
             results[backend] = greedy(model, {k: v for k, v in batch.items() if v is not None})
     assert torch.equal(results["sdpa"][0], results["flash_attention_2"][0])
+
+
+def test_llm_sources_map_back_through_the_vit_stage(ov):
+    model, processor = ov
+    with illava.applied(
+        model, enable_illava_vit=True, illava_vit_k="1-2", illava_vit_r=3, illava_track_vit_source=True,
+        illava_llm_k="2-4", illava_llm_r=0.5, illava_track_llm_source=True, processor=processor, **LLM,
+    ):
+        batch = encode(processor, mixed_batch(processor))
+        ids = batch["input_ids"]
+        is_visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
+        logits_of(model, batch)
+        trace = illava.last_trace(model)
+        last = trace.language[-1]
+        for entry_index, entry in enumerate(trace.vision):
+            groups_sample, positions = trace.llm_source_map(entry_index)
+            assert positions.shape == (entry.num_groups, 4, 4)
+            for group in range(entry.num_groups):
+                sample = int(groups_sample[group])
+                mapped = positions[group][positions[group] >= 0]
+                kept = set(last.kept_positions(sample).tolist())
+                assert set(mapped.tolist()) <= kept  # mapped onto survivors of the last LLM merge...
+                assert bool(is_visual[sample, mapped].all())  # ...that are visual tokens of that sample
+    # which samples own the groups: image groups of samples 0, 1, 2, 2 and the video's frames of sample 3
+    image_entry = trace.by_modality("image")[0]
+    assert trace.llm_source_map(trace.vision.index(image_entry))[0].unique().tolist() == [0, 1, 2]
+
+
+def test_llm_source_map_without_merging_is_the_plain_layout(ov):
+    model, processor = ov
+    inputs = prompt(processor, random_image(56, 56))
+    with illava.applied(
+        model, illava_llm_k="2", illava_llm_r=0, illava_track_llm_source=True, processor=processor, **LLM
+    ):
+        logits_of(model, inputs)
+        samples, positions = illava.last_trace(model).llm_source_map(0)
+    first = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    # the base crop's patches are the first 16 placeholders, in raster order
+    assert torch.equal(positions[0].flatten(), first + torch.arange(16))
+    assert samples.tolist() == [0] * positions.shape[0]

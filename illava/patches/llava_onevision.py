@@ -81,8 +81,8 @@ def apply(state: IllavaState, model, processor=None) -> None:
         return
     language_merger = LanguageModelMerger(state, inner.language_model) if config.enable_illava_llm else None
     call = _patch_encoding(state, model, inner, language_merger)
+    _patch_vision(state, inner, full_tokens, call)
     if config.enable_illava_vit:
-        _patch_vision(state, inner, full_tokens, call)
         if processor is not None:
             patch_processor(state, processor, full_tokens, config.vit_token_counts(full_tokens)[-1])
 
@@ -124,12 +124,13 @@ def _patch_encoding(state: IllavaState, model, inner: LlavaOnevisionModel, langu
         image_mask, video_mask = original(
             input_ids, inputs_embeds, image_features=image_features, video_features=video_features
         )
-        if language_merger is not None:
-            for features, mask, modality in ((image_features, image_mask, "image"), (video_features, video_mask, "video")):
-                if features is not None:
-                    language_merger.pending_spans.append(
-                        span_ids(mask[..., 0], state.trace.tokens_per_item[modality])
-                    )
+        for features, mask, modality in ((image_features, image_mask, "image"), (video_features, video_mask, "video")):
+            if features is None:
+                continue
+            span = span_ids(mask[..., 0], state.trace.tokens_per_item[modality])
+            state.trace.item_starts[modality] = _item_starts(span)
+            if language_merger is not None:
+                language_merger.pending_spans.append(span)
         return image_mask, video_mask
 
     state.add_hook(model.register_forward_pre_hook(mark_fresh_forward))
@@ -162,18 +163,30 @@ def span_ids(mask: torch.Tensor, tokens_per_item: list[int]) -> torch.Tensor:
     return span
 
 
+def _item_starts(span: torch.Tensor) -> torch.Tensor:
+    """`[items, 2]` (sample, first position) of each span id 0, 1, ..."""
+    samples, positions = (span >= 0).nonzero(as_tuple=True)
+    ids = span[samples, positions]
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[1:] = ids[1:] != ids[:-1]
+    return torch.stack((samples[first], positions[first]), dim=1).cpu()
+
+
 def _patch_vision(state: IllavaState, inner: LlavaOnevisionModel, full_tokens: int, call: dict) -> None:
+    """Trace the tower; lay merged crops/frames out for the LLM; record where each survivor's feature lands."""
     patch_siglip_vision_model(state, inner.vision_tower, lambda: call["modality"])
 
     def pack_image_features(self, original, image_features, image_sizes, image_newline=None,
                             vision_aspect_ratio="anyres_max_9"):
         entry = state.trace.vision[-1]
         entry.groups_per_item = [int(feature.shape[0]) for feature in image_features]
+        entry.features = _image_feature_index(self, entry, image_sizes, image_newline is not None, vision_aspect_ratio)
         if image_features[0].shape[1] == full_tokens:
             return original(image_features, image_sizes, image_newline, vision_aspect_ratio)
         return _pack_merged_images(self, entry, image_features, image_sizes, image_newline, vision_aspect_ratio)
 
     def apply_pooling(self, original, image_features):
+        state.trace.vision[-1].features = _video_feature_index(image_features.shape[0], image_features.shape[1])
         if image_features.shape[1] == full_tokens:
             return original(image_features)
         return _pool_merged_frames(image_features)
@@ -221,7 +234,7 @@ def _pack_merged_images(inner, entry, image_features, image_sizes, image_newline
                 )
             else:
                 positions = entry.positions[first_group + 1 : first_group + crops]
-                parts.append(_stitched_raster(feature[1:], positions, crop_rows, crop_cols, entry.grid))
+                parts.append(_stitched_raster(feature[1:], positions, crop_cols, entry.grid))
                 if image_newline is not None:
                     parts.append(image_newline[None].to(feature))
         elif image_newline is not None:
@@ -230,6 +243,60 @@ def _pack_merged_images(inner, entry, image_features, image_sizes, image_newline
         packed.append(torch.cat(parts, dim=0))
         lengths.append(packed[-1].shape[0])
     return packed, torch.tensor(lengths, dtype=torch.long, device=image_features[0].device)
+
+
+def _image_feature_index(inner, entry, image_sizes, has_newline, vision_aspect_ratio) -> torch.Tensor:
+    """`[G, K]`: where each survivor's feature lands within its image's placeholders (-1: unpadded away)."""
+    groups, tokens = entry.positions.shape
+    side = math.isqrt(tokens)
+    index = torch.arange(tokens).repeat(groups, 1)  # base crops (and single-crop images) come first, in order
+    first_group = 0
+    for image_index, crops in enumerate(entry.groups_per_item):
+        if crops > 1:
+            crop_rows, crop_cols = get_anyres_image_grid_shape(
+                image_sizes[image_index], inner.config.image_grid_pinpoints, inner.config.vision_config.image_size
+            )
+            if side * side == tokens:
+                hires = _pseudo_grid_index(crop_rows, crop_cols, side, image_sizes[image_index], has_newline,
+                                           vision_aspect_ratio)
+            else:
+                positions = entry.positions[first_group + 1 : first_group + crops].cpu()
+                order = _stitched_order(positions, crop_cols, entry.grid)
+                hires = torch.empty_like(order)
+                hires[order] = torch.arange(order.numel())
+            index[first_group + 1 : first_group + crops] = torch.where(hires >= 0, hires + tokens, -1).view(crops - 1, -1)
+        first_group += crops
+    return index
+
+
+def _pseudo_grid_index(crop_rows, crop_cols, side, image_size, has_newline, vision_aspect_ratio) -> torch.Tensor:
+    """Feature index within the high-resolution block for each (crop, slot) of `_pseudo_grid`'s layout."""
+    slots = torch.arange(crop_rows * crop_cols * side * side)
+    grid = slots.view(crop_rows, crop_cols, side, side, 1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+    grid = unpad_image(grid, image_size)[0]
+    height, width = grid.shape
+    max_num_patches = int(vision_aspect_ratio.strip("anyres_max_"))
+    ratio = math.sqrt(height * width / (max_num_patches * side**2))
+    out_height, out_width = (int(height // ratio), int(width // ratio)) if ratio > 1.1 else (height, width)
+    rows = torch.arange(height) * out_height // height  # the output cell each unpadded cell falls in
+    cols = torch.arange(width) * out_width // width
+    feature = rows[:, None] * (out_width + int(has_newline)) + cols[None, :]
+    index = torch.full((slots.numel(),), -1, dtype=torch.long)
+    index[grid.flatten()] = feature.flatten()
+    return index
+
+
+def _video_feature_index(frames: int, tokens: int) -> torch.Tensor:
+    """`[frames, tokens]`: where each survivor's feature lands within its video's placeholders."""
+    per_frame = video_tokens_per_frame(tokens)
+    slots = torch.arange(tokens)
+    side = math.isqrt(tokens)
+    if side * side == tokens:
+        pooled = math.ceil(side / 2)
+        local = (slots // side) * pooled // side * pooled + (slots % side) * pooled // side
+    else:
+        local = slots // 4
+    return torch.arange(frames)[:, None] * per_frame + local[None, :]
 
 
 def _pseudo_grid(crops, crop_rows, crop_cols, side, image_size, image_newline, vision_aspect_ratio):
@@ -248,14 +315,17 @@ def _pseudo_grid(crops, crop_rows, crop_cols, side, image_size, image_newline, v
     return grid.flatten(1, 2).transpose(0, 1)
 
 
-def _stitched_raster(crops, positions, crop_rows, crop_cols, grid):
+def _stitched_raster(crops, positions, crop_cols, grid):
     """All crops' survivors ordered by their original (row, col) in the stitched full-resolution image."""
+    return crops.flatten(0, 1)[_stitched_order(positions, crop_cols, grid)]
+
+
+def _stitched_order(positions, crop_cols, grid) -> torch.Tensor:
     rows, cols = grid
-    crop_index = torch.arange(crops.shape[0], device=crops.device)[:, None]
+    crop_index = torch.arange(positions.shape[0], device=positions.device)[:, None]
     global_row = (crop_index // crop_cols) * rows + positions // cols
     global_col = (crop_index % crop_cols) * cols + positions % cols
-    order = (global_row * (crop_cols * cols) + global_col).flatten().argsort()
-    return crops.flatten(0, 1)[order]
+    return (global_row * (crop_cols * cols) + global_col).flatten().argsort()
 
 
 def _pool_merged_frames(frames: torch.Tensor) -> torch.Tensor:

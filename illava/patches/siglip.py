@@ -73,12 +73,14 @@ def _merge_step(state: IllavaState, layer, hidden_states, query, key, tokens_rem
 
 
 def patch_siglip_vision_model(state: IllavaState, vision_model, modality_of_call) -> None:
-    """Merge inside `state.config.illava_vit_k` layers of a `SiglipVisionModel` instance.
+    """Trace every call of a `SiglipVisionModel` instance and, with the ViT stage on, merge inside
+    `state.config.illava_vit_k` layers.
 
     `modality_of_call()` names what the current encoder call is encoding ("image", "video", ...).
     """
     config = state.config
     patch_size = vision_model.config.patch_size
+    merge_layers = config.illava_vit_k if config.enable_illava_vit else ()
 
     def start_trace(module, args, kwargs):
         pixel_values = args[0] if args else kwargs["pixel_values"]
@@ -88,15 +90,15 @@ def patch_siglip_vision_model(state: IllavaState, vision_model, modality_of_call
             VisionTrace(
                 modality=modality_of_call(),
                 grid=grid,
-                merge_layers=config.illava_vit_k,
+                merge_layers=merge_layers,
                 tokens_per_group=[grid[0] * grid[1]],
                 positions=positions,
-                sources=positions.clone() if config.illava_track_vit_source else None,
+                sources=positions.clone() if config.illava_track_vit_source and merge_layers else None,
             )
         )
 
     state.add_hook(vision_model.register_forward_pre_hook(start_trace, with_kwargs=True))
-    for layer_index in config.illava_vit_k:
+    for layer_index in merge_layers:
         layer = vision_model.encoder.layers[layer_index]
         slot: dict = {}
         state.add_hook(layer.self_attn.q_proj.register_forward_hook(_capture_output(slot, "q")))
