@@ -294,3 +294,28 @@ def test_llm_source_map_without_merging_is_the_plain_layout(ov):
     # the base crop's patches are the first 16 placeholders, in raster order
     assert torch.equal(positions[0].flatten(), first + torch.arange(16))
     assert samples.tolist() == [0] * positions.shape[0]
+
+
+def test_slice_mask_formats_for_a_shortened_batch():
+    from illava.patches.qwen2 import slice_mask
+
+    # sample 0 kept original positions 0, 2, 3; sample 1 kept 1, 3 and got one padding slot on the left
+    index = torch.tensor([[0, 2, 3], [0, 1, 3]])
+    valid = torch.tensor([[True, True, True], [False, True, True]])
+    padding_2d = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])  # sample 1 was left-padded originally too
+    args = dict(rows=index, row_original=index, row_is_padding=~valid, columns=index, column_valid=valid,
+                dtype=torch.float32)
+    flash = slice_mask(padding_2d, implementation="flash_attention_2", **args)
+    assert flash.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert slice_mask(None, implementation="flash_attention_2", **args).tolist() == [[1, 1, 1], [0, 1, 1]]
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    full = (causal[None] & padding_2d.bool()[:, None, :])[:, None]  # sdpa-style [B, 1, Q, K]
+    sdpa = slice_mask(full, implementation="sdpa", **args)
+    assert sdpa[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    # the padding slot attends only to itself; nobody attends to it
+    assert sdpa[1, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+    eager = slice_mask(torch.where(full, 0.0, torch.finfo(torch.float32).min), implementation="eager", **args)
+    assert torch.equal(eager == 0, sdpa)
+    assert torch.equal(slice_mask(None, implementation="sdpa", **args)[0], sdpa[0])
+    no_padding = dict(args, column_valid=torch.ones_like(valid), row_is_padding=torch.zeros_like(valid))
+    assert slice_mask(None, implementation="sdpa", **no_padding) is None
