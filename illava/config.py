@@ -181,12 +181,7 @@ class IllavaConfig:
         """Check the ViT settings against an encoder of `num_layers` layers and `tokens_per_group` tokens."""
         if not self.enable_illava_vit:
             return
-        too_deep = [k for k in self.illava_vit_k if k >= num_layers]
-        if too_deep:
-            raise ValueError(
-                f"illava_vit_k={'-'.join(map(str, self.illava_vit_k))}: layer(s) {too_deep} beyond the vision "
-                f"encoder's {num_layers} layers (valid: 0..{num_layers - 1})"
-            )
+        _check_depth("illava_vit_k", self.illava_vit_k, num_layers, "the vision encoder's", first=0)
         counts = self.vit_token_counts(tokens_per_group)
         if counts[-1] < 1:
             raise ValueError(
@@ -197,9 +192,13 @@ class IllavaConfig:
     def validate_llm(self, num_layers: int) -> None:
         if not self.enable_illava_llm:
             return
-        too_deep = [k for k in self.illava_llm_k if k >= num_layers]
-        if too_deep:
-            raise ValueError(
-                f"illava_llm_k={'-'.join(map(str, self.illava_llm_k))}: layer(s) {too_deep} beyond the language "
-                f"model's {num_layers} layers (valid: 1..{num_layers - 1})"
-            )
+        _check_depth("illava_llm_k", self.illava_llm_k, num_layers, "the language model's", first=1)
+
+
+def _check_depth(name: str, layers: tuple[int, ...], num_layers: int, owner: str, first: int) -> None:
+    too_deep = [k for k in layers if k >= num_layers]
+    if too_deep:
+        raise ValueError(
+            f"{name}={'-'.join(map(str, layers))}: layer(s) {too_deep} beyond {owner} {num_layers} layers "
+            f"(valid: {first}..{num_layers - 1})"
+        )
