@@ -26,6 +26,7 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
 
 from ..state import IllavaState
+from .common import EncoderCall, patch_encoding
 from .qwen2 import LanguageModelMerger
 from .siglip import patch_siglip_vision_model
 
@@ -80,101 +81,17 @@ def apply(state: IllavaState, model, processor=None) -> None:
     if not (config.enable_illava_vit or config.enable_illava_llm):
         return
     language_merger = LanguageModelMerger(state, inner.language_model) if config.enable_illava_llm else None
-    call = _patch_encoding(state, model, inner, language_merger)
+    call = EncoderCall()
     _patch_vision(state, inner, full_tokens, call)
+    patch_encoding(state, model, inner, language_merger, call)
     if config.enable_illava_vit:
         if processor is not None:
             patch_processor(state, processor, full_tokens, config.vit_token_counts(full_tokens)[-1])
 
 
-def _patch_encoding(state: IllavaState, model, inner: LlavaOnevisionModel, language_merger) -> dict:
-    """Label encoder calls, record LLM tokens per image/video, check placeholders and hand spans to the LLM stage."""
-    call = {"modality": "vision", "fresh_forward": True}
-
-    # The next encoder call starts a new trace once a forward has begun or ended (generate() encodes images
-    # before its prefill forward, so both ends count).
-    def mark_fresh_forward(module, *unused):
-        call["fresh_forward"] = True
-
-    def encode(modality, function, *args, **kwargs):
-        if call["fresh_forward"]:
-            state.trace.clear()
-            call["fresh_forward"] = False
-        call["modality"] = modality
-        try:
-            return function(*args, **kwargs)
-        finally:
-            call["modality"] = "vision"
-
-    def get_image_features(self, original, *args, **kwargs):
-        output = encode("image", original, *args, **kwargs)
-        state.trace.tokens_per_item["image"].extend(int(feature.shape[0]) for feature in output.pooler_output)
-        return output
-
-    def get_video_features(self, original, pixel_values_videos, *args, **kwargs):
-        output = encode("video", original, pixel_values_videos, *args, **kwargs)
-        videos, tokens = output.pooler_output.shape[:2]
-        state.trace.tokens_per_item["video"].extend([int(tokens)] * int(videos))
-        if state.trace.vision:
-            state.trace.vision[-1].groups_per_item = [int(pixel_values_videos.shape[1])] * int(videos)
-        return output
-
-    def get_placeholder_mask(self, original, input_ids, inputs_embeds, image_features=None, video_features=None):
-        _check_placeholder_counts(self.config, input_ids, image_features, video_features)
-        image_mask, video_mask = original(
-            input_ids, inputs_embeds, image_features=image_features, video_features=video_features
-        )
-        for features, mask, modality in ((image_features, image_mask, "image"), (video_features, video_mask, "video")):
-            if features is None:
-                continue
-            span = span_ids(mask[..., 0], state.trace.tokens_per_item[modality])
-            state.trace.item_starts[modality] = _item_starts(span)
-            if language_merger is not None:
-                language_merger.pending_spans.append(span)
-        return image_mask, video_mask
-
-    state.add_hook(model.register_forward_pre_hook(mark_fresh_forward))
-    state.add_hook(model.register_forward_hook(mark_fresh_forward, always_call=True))
-    state.override_method(inner, "get_image_features", get_image_features)
-    state.override_method(inner, "get_video_features", get_video_features)
-    state.override_method(inner, "get_placeholder_mask", get_placeholder_mask)
-    return call
-
-
-def span_ids(mask: torch.Tensor, tokens_per_item: list[int]) -> torch.Tensor:
-    """`[B, L]` id of the image/video each placeholder belongs to (-1 elsewhere).
-
-    Items are split by their known token counts (items follow each other in prompt order, sample by sample);
-    without them (features passed in pre-computed), each contiguous run of placeholders is one item.
-    """
-    span = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
-    flat = mask.flatten().nonzero().squeeze(1)
-    if flat.numel() == 0:
-        return span
-    if sum(tokens_per_item) == flat.numel():
-        counts = torch.tensor(tokens_per_item, device=mask.device)
-        ids = torch.repeat_interleave(torch.arange(len(tokens_per_item), device=mask.device), counts)
-    else:
-        length = mask.shape[1]
-        starts = torch.ones_like(flat, dtype=torch.bool)
-        starts[1:] = (flat[1:] != flat[:-1] + 1) | (flat[1:] % length == 0)
-        ids = starts.long().cumsum(0) - 1
-    span.view(-1)[flat] = ids
-    return span
-
-
-def _item_starts(span: torch.Tensor) -> torch.Tensor:
-    """`[items, 2]` (sample, first position) of each span id 0, 1, ..."""
-    samples, positions = (span >= 0).nonzero(as_tuple=True)
-    ids = span[samples, positions]
-    first = torch.ones_like(ids, dtype=torch.bool)
-    first[1:] = ids[1:] != ids[:-1]
-    return torch.stack((samples[first], positions[first]), dim=1).cpu()
-
-
-def _patch_vision(state: IllavaState, inner: LlavaOnevisionModel, full_tokens: int, call: dict) -> None:
+def _patch_vision(state: IllavaState, inner: LlavaOnevisionModel, full_tokens: int, call: EncoderCall) -> None:
     """Trace the tower; lay merged crops/frames out for the LLM; record where each survivor's feature lands."""
-    patch_siglip_vision_model(state, inner.vision_tower, lambda: call["modality"])
+    patch_siglip_vision_model(state, inner.vision_tower, lambda: call.modality)
 
     def pack_image_features(self, original, image_features, image_sizes, image_newline=None,
                             vision_aspect_ratio="anyres_max_9"):
@@ -191,27 +108,15 @@ def _patch_vision(state: IllavaState, inner: LlavaOnevisionModel, full_tokens: i
             return original(image_features)
         return _pool_merged_frames(image_features)
 
+    def get_video_features(self, original, pixel_values_videos, *args, **kwargs):
+        output = original(pixel_values_videos, *args, **kwargs)
+        videos, frames = pixel_values_videos.shape[:2]
+        state.trace.vision[-1].groups_per_item = [int(frames)] * int(videos)
+        return output
+
     state.override_method(inner, "pack_image_features", pack_image_features)
     state.override_method(inner, "apply_pooling", apply_pooling)
-
-
-def _check_placeholder_counts(model_config, input_ids, image_features, video_features) -> None:
-    """Name the fix when the prompt's placeholders were counted for unmerged features."""
-    if input_ids is None:
-        return
-    for features, token_id, kind in (
-        (image_features, model_config.image_token_id, "image"),
-        (video_features, model_config.video_token_id, "video"),
-    ):
-        if features is None:
-            continue
-        placeholders = int((input_ids == token_id).sum())
-        if placeholders != features.shape[0]:
-            raise ValueError(
-                f"illava: the prompt holds {placeholders} {kind} placeholder tokens but ViT merging produced "
-                f"{features.shape[0]} {kind} features; build inputs with the processor passed to "
-                "illava.apply(model, config, processor=processor)"
-            )
+    state.override_method(inner, "get_video_features", get_video_features)
 
 
 def _pack_merged_images(inner, entry, image_features, image_sizes, image_newline, vision_aspect_ratio):
