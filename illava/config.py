@@ -177,11 +177,14 @@ class IllavaConfig:
             return current - max(1, math.floor(self.illava_llm_r * current))
         return min(self.illava_llm_r, max(current - 1, 0))
 
-    def validate_vit(self, num_layers: int, tokens_per_group: int, what: str = "crop/frame") -> None:
-        """Check the ViT settings against an encoder of `num_layers` layers and `tokens_per_group` tokens."""
+    def validate_vit(self, num_layers: int, tokens_per_group: int | None = None, what: str = "crop/frame") -> None:
+        """Check the ViT settings against an encoder of `num_layers` layers and, when every crop/frame has the
+        same size, `tokens_per_group` tokens."""
         if not self.enable_illava_vit:
             return
         _check_depth("illava_vit_k", self.illava_vit_k, num_layers, "the vision encoder's", first=0)
+        if tokens_per_group is None:
+            return
         counts = self.vit_token_counts(tokens_per_group)
         if counts[-1] < 1:
             raise ValueError(

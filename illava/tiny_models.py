@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import torch
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -107,5 +110,69 @@ def tiny_llava_onevision(
         num_image_tokens=(image_size // patch_size) ** 2,
         vision_feature_select_strategy="full",
         chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen2_vl(
+    vision_depth: int = 6,
+    text_layers: int = 6,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 64,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    model_class: str = "Qwen2VLForConditionalGeneration",
+):
+    """A random-weight Qwen2-VL (or Qwen2.5-VL with `model_class="Qwen2_5_VLForConditionalGeneration"`) and its
+    processor: patch 14, 2x2 spatial merge, temporal patch 2; images of up to `max_pixels` pixels."""
+    import transformers
+
+    tokenizer = byte_level_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    qwen25 = model_class.startswith("Qwen2_5")
+    vision = dict(depth=vision_depth, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    if qwen25:
+        vision.update(intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[2, 5])
+        vision["hidden_size"] = 32
+    else:
+        vision.update(embed_dim=32, mlp_ratio=2)
+    config_class = getattr(transformers, "Qwen2_5_VLConfig" if qwen25 else "Qwen2VLConfig")
+    config = config_class(
+        vision_config=vision,
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    processor = transformers.Qwen2VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessor(size=size),
+        video_processor=transformers.Qwen2VLVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
     return model, processor

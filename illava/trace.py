@@ -16,7 +16,7 @@ class VisionTrace:
     """
 
     modality: str  # "image", "video", or "vision" when the encoder was called directly
-    grid: tuple[int, int]  # (rows, cols) of one group's original patch grid
+    grid: tuple[int, int]  # (rows, cols) of one group's original grid of merge units (patches or windows)
     merge_layers: tuple[int, ...]
     tokens_per_group: list[int]  # before the first merge layer, then after each one
     positions: torch.Tensor  # [G, K] original raster index (row * cols + col) of each survivor
@@ -25,6 +25,7 @@ class VisionTrace:
     # [G, K]: index, within its image/video's LLM placeholders, of the feature each survivor ends up in
     # (-1: cut away by unpadding); downsampled layouts map a survivor to the feature whose cell holds it
     features: torch.Tensor | None = None
+    window: int = 1  # side, in patches, of a merge unit (2: Qwen2-VL's 2x2 windows, one LLM token each)
 
     @property
     def num_groups(self) -> int:

@@ -6,9 +6,9 @@ from types import ModuleType
 
 
 def _families() -> list[ModuleType]:
-    from . import llava_onevision
+    from . import llava_onevision, qwen2_vl
 
-    return [llava_onevision]
+    return [llava_onevision, qwen2_vl]
 
 
 def find_family(model) -> ModuleType:

@@ -1,0 +1,341 @@
+"""Qwen2-VL (`Qwen2VLForConditionalGeneration`): ViT-stage merging in the packed vision blocks, LLM-stage merging
+in the text model, and M-RoPE positions that follow the survivors. Checked on transformers 5.23.
+
+ViT stage: inside each chosen block (after the attention residual, before the MLP), every `cu_seqlens` segment
+(one image, or one temporal slice of a video: every slice is kept) loses `illava_vit_r` 2x2 windows (an int: windows
+per layer; a float: that fraction of the current windows), so the PatchMerger still fuses real windows. Later
+blocks get `cu_seqlens`, `max_seqlen` and rotary cos/sin re-sliced for the survivors.
+
+The language model then receives one token per surviving window. The processor (patched by `apply`) emits that
+many placeholders; the M-RoPE position of each surviving visual token is its true (t, h, w) position; text
+positions are exactly those of the unmerged prompt (an image still advances the text position by its full
+extent), so decoding continues at the right place.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from transformers import Qwen2VLForConditionalGeneration, Qwen2VLModel
+
+from .. import merge
+from ..state import IllavaState
+from ..trace import VisionTrace
+from .common import EncoderCall, patch_encoding
+from .packed import PackedRun, merge_packed
+from .qwen2 import LanguageModelMerger, _rotate
+
+MODEL_CLASSES = (Qwen2VLForConditionalGeneration, Qwen2VLModel)
+MODALITY_OF_TOKEN_TYPE = {1: "image", 2: "video"}
+
+
+def inner_model(model):
+    return model.model if hasattr(model, "lm_head") else model
+
+
+def apply(state: IllavaState, model, processor=None) -> None:
+    config = state.config
+    inner = inner_model(model)
+    visual = inner.visual
+    config.validate_vit(len(visual.blocks))  # windows per image vary; each segment is checked when merged
+    config.validate_llm(inner.config.text_config.num_hidden_layers)
+    if not (config.enable_illava_vit or config.enable_illava_llm):
+        return
+    language_merger = LanguageModelMerger(state, inner.language_model) if config.enable_illava_llm else None
+    call = EncoderCall()
+    vision = PackedVision(state, visual, call)
+    if config.enable_illava_vit:
+        _patch_features(state, inner, vision)
+        _patch_positions(state, inner, vision)
+    patch_encoding(state, model, inner, language_merger, call)
+    if processor is not None and config.enable_illava_vit:
+        patch_processor(state, processor, vision)
+
+
+class PackedVision:
+    """The ViT stage on a `Qwen2VisionTransformerPretrainedModel` / Qwen2.5-VL vision tower instance."""
+
+    def __init__(self, state: IllavaState, visual, call: EncoderCall):
+        self.state = state
+        self.config = state.config
+        self.visual = visual
+        self.call = call
+        self.unit = visual.spatial_merge_size**2
+        self.merge_layers = self.config.illava_vit_k if self.config.enable_illava_vit else ()
+        self.run: PackedRun | None = None
+        self.grid_thw: torch.Tensor | None = None
+        self.expand_output = False
+        state.add_hook(visual.register_forward_pre_hook(self._start, with_kwargs=True))
+        state.add_hook(visual.register_forward_hook(self._finish, with_kwargs=True, always_call=True))
+        if self.merge_layers:
+            for index in range(self.merge_layers[0] + 1, len(visual.blocks)):
+                state.add_hook(visual.blocks[index].register_forward_pre_hook(self._reslice, with_kwargs=True))
+            first = visual.blocks[self.merge_layers[0]]
+            state.add_hook(first.register_forward_pre_hook(self._remember_rotary, with_kwargs=True))
+            for index in self.merge_layers:
+                block = visual.blocks[index]
+                slot: dict = {}
+                state.add_hook(block.attn.qkv.register_forward_hook(lambda module, args, out, slot=slot: slot.update(qkv=out)))
+                state.set_attribute(block, "forward", types.MethodType(self._merging_forward(slot), block))
+
+    # -- window arithmetic shared with the processor side ---------------------------------------------------
+
+    def windows_after(self, windows: int) -> int:
+        """Windows a segment of `windows` keeps after the merge layers."""
+        if not self.merge_layers:
+            return windows
+        return self.config.vit_token_counts(windows)[-1]
+
+    def llm_tokens(self, grid_thw) -> int:
+        t, h, w = (int(value) for value in grid_thw)
+        return t * self.windows_after(h * w // self.unit)
+
+    # -- encoder call ---------------------------------------------------------------------------------------
+
+    def _start(self, module, args, kwargs):
+        grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        side = self.visual.spatial_merge_size
+        self.grid_thw = grid_thw
+        unit_grids = torch.repeat_interleave(grid_thw[:, 1:] // side, grid_thw[:, 0], dim=0)
+        lengths = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=hidden.device, dtype=torch.int32)
+        self.run = PackedRun.start(cu_seqlens, unit_grids.to(hidden.device), self.unit,
+                                   self.config.illava_track_vit_source)
+
+    def _finish(self, module, args, kwargs, output):
+        run, self.run = self.run, None
+        if run is None or output is None:
+            return output
+        self._record(run)
+        if self.expand_output:
+            output.pooler_output = self._expand(output.pooler_output, run)
+        return output
+
+    def _record(self, run: PackedRun) -> None:
+        """One `VisionTrace` per image/video: its segments (temporal slices) share a grid."""
+        slices = self.grid_thw[:, 0].tolist()
+        first = 0
+        for count in slices:
+            segments = slice(first, first + count)
+            final = int(run.counts[-1][first])
+            positions = run.positions[segments, :final]
+            rows, cols = (int(v) for v in run.unit_grids[first])
+            local = torch.arange(count, device=positions.device)[:, None] * final + torch.arange(final, device=positions.device)
+            self.state.trace.vision.append(
+                VisionTrace(
+                    modality=self.call.modality,
+                    grid=(rows, cols),
+                    merge_layers=tuple(self.merge_layers),
+                    tokens_per_group=[int(step[first]) for step in run.counts],
+                    positions=positions,
+                    sources=None if run.sources is None else run.sources[segments, : rows * cols],
+                    groups_per_item=[count],
+                    features=local.cpu(),
+                    window=self.visual.spatial_merge_size,
+                )
+            )
+            first += count
+
+    def _expand(self, pooled: torch.Tensor, run: PackedRun) -> torch.Tensor:
+        """Merged-window features -> the full window count, zeros where windows were merged away, so that
+        transformers' own split by `grid_thw` in `get_*_features` works; `_compact` undoes it per item."""
+        full = pooled.new_zeros(int(self.grid_thw.prod(-1).sum()) // self.unit, pooled.shape[-1])
+        full[run.origin[:: self.unit] // self.unit] = pooled
+        return full
+
+    # -- blocks ---------------------------------------------------------------------------------------------
+
+    def _merging_forward(self, slot: dict):
+        """`Qwen2VLVisionBlock.forward` (transformers 5.0-5.23) with the merge between attention and MLP."""
+
+        def forward(block, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+            hidden_states = hidden_states + block.attn(
+                block.norm1(hidden_states), cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs
+            )
+            hidden_states = self._merge(block, hidden_states, slot.pop("qkv"), position_embeddings)
+            return hidden_states + block.mlp(block.norm2(hidden_states))
+
+        return forward
+
+    def _merge(self, block, hidden_states, qkv, position_embeddings):
+        run = self.run
+        heads = block.attn.num_heads
+        query, key, _ = qkv.view(hidden_states.shape[0], 3, heads, -1).unbind(1)
+        cos, sin = (part.float()[:, None, :] for part in position_embeddings)
+        query, key = _rotate(query.float(), cos, sin), _rotate(key.float(), cos, sin)
+
+        def describe(segment):
+            rows, cols = (int(v) for v in run.unit_grids[segment])
+            return f"an image/frame of {rows}x{cols} 2x2-patch windows (units)"
+
+        return merge_packed(
+            run, hidden_states, query, key, block.attn.scaling, self.unit, self.config.vit_tokens_removed, describe,
+            setting=f"illava_vit_r={self.config.illava_vit_r}",
+        )
+
+    def _remember_rotary(self, module, args, kwargs):
+        if self.run is not None:
+            self.run.rotary = kwargs["position_embeddings"]
+
+    def _reslice(self, module, args, kwargs):
+        run = self.run
+        if run is None or len(run.counts) == 1:  # nothing merged yet
+            return None
+        if run.sliced is None:
+            lengths = run.cu_seqlens[1:] - run.cu_seqlens[:-1]
+            cos, sin = run.rotary
+            run.sliced = {
+                "cu_seqlens": run.cu_seqlens,
+                "position_embeddings": (cos[run.origin], sin[run.origin]),
+            }
+            if kwargs.get("max_seqlen") is not None:
+                run.sliced["max_seqlen"] = int(lengths.max())
+        kwargs.update(run.sliced)
+        return args, kwargs
+
+
+def _patch_features(state: IllavaState, inner, vision: PackedVision) -> None:
+    """`get_image_features` / `get_video_features` split the encoder output by `grid_thw`; hand them a full-size
+    output and keep each item's surviving windows."""
+
+    def features(self, original, *args, **kwargs):
+        vision.expand_output = True
+        try:
+            output = original(*args, **kwargs)
+        finally:
+            vision.expand_output = False
+        items = state.trace.vision[-len(output.pooler_output):]
+        output.pooler_output = tuple(
+            _surviving_windows(item_features, entry) for item_features, entry in zip(output.pooler_output, items)
+        )
+        return output
+
+    state.override_method(inner, "get_image_features", features)
+    state.override_method(inner, "get_video_features", features)
+
+
+def _surviving_windows(item_features: torch.Tensor, entry: VisionTrace) -> torch.Tensor:
+    slices, per_slice = entry.positions.shape
+    windows = entry.grid[0] * entry.grid[1]
+    index = (torch.arange(slices, device=entry.positions.device)[:, None] * windows + entry.positions).flatten()
+    return item_features[index.to(item_features.device)]
+
+
+def _patch_positions(state: IllavaState, inner, vision: PackedVision) -> None:
+    """M-RoPE positions: visual tokens at their true (t, h, w), text exactly as without merging."""
+    prefill = {}
+
+    def remember_inputs(module, args, kwargs):
+        prefill.clear()
+        prefill.update({name: kwargs.get(name) for name in
+                        ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask",
+                         "position_ids")})
+
+    def get_rope_index(self, original, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                       attention_mask=None, **kwargs):
+        return _rope_index_with_survivors(
+            state, vision, original, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask
+        )
+
+    def fix_positions(module, args, kwargs):
+        # generate() computes positions before it encodes the images, when the survivors are not known yet;
+        # the prefill replaces the visual positions once they are (the rope deltas do not depend on them).
+        given = kwargs.get("position_ids")
+        if given is None or prefill.get("position_ids") is None or prefill.get("input_ids") is None:
+            return None
+        if prefill["input_ids"].shape[1] != given.shape[-1] or not state.trace.vision:
+            return None
+        if prefill["mm_token_type_ids"] is None or not bool(prefill["mm_token_type_ids"].any()):
+            return None
+        grids = [prefill[name] if prefill[name] is not None else _grids_of(state.trace.by_modality(modality), vision)
+                 for name, modality in (("image_grid_thw", "image"), ("video_grid_thw", "video"))]
+        positions, _ = inner.get_rope_index(
+            prefill["input_ids"], prefill["mm_token_type_ids"], *grids, prefill["attention_mask"]
+        )
+        kwargs["position_ids"] = torch.cat((given[:1], positions), dim=0) if given.shape[0] == 4 else positions
+        return args, kwargs
+
+    state.add_hook(inner.register_forward_pre_hook(remember_inputs, with_kwargs=True))
+    state.add_hook(inner.language_model.register_forward_pre_hook(fix_positions, with_kwargs=True))
+    state.override_method(inner, "get_rope_index", get_rope_index)
+
+
+def _grids_of(entries: list[VisionTrace], vision: PackedVision) -> torch.Tensor | None:
+    """`grid_thw` of the encoded items (generate() does not pass the grids on to its prefill forward)."""
+    if not entries:
+        return None
+    side = vision.visual.spatial_merge_size
+    return torch.tensor([[entry.groups_per_item[0], entry.grid[0] * side, entry.grid[1] * side] for entry in entries])
+
+
+def _rope_index_with_survivors(state, vision, original, input_ids, token_types, image_grid_thw, video_grid_thw,
+                               attention_mask):
+    """Run transformers' own `get_rope_index` on the prompt with every merged image/video expanded back to its
+    full window count, then keep the positions of the tokens that exist: text, and the surviving windows."""
+    grids = {1: image_grid_thw, 2: video_grid_thw}
+    next_item = {1: 0, 2: 0}
+    entries = {value: state.trace.by_modality(name) for value, name in MODALITY_OF_TOKEN_TYPE.items()}
+    rows, selections, expanded_any = [], [], False
+    for sample in range(input_ids.shape[0]):
+        ids, types_row = input_ids[sample], token_types[sample]
+        mask_row = attention_mask[sample] if attention_mask is not None else torch.ones_like(ids)
+        pieces, selection, cursor, start = [], [], 0, 0
+        values, lengths = torch.unique_consecutive(types_row, return_counts=True)
+        for value, length in zip(values.tolist(), lengths.tolist()):
+            if value == 0:
+                pieces.append((ids[start : start + length], types_row[start : start + length],
+                               mask_row[start : start + length]))
+                selection.append(torch.arange(cursor, cursor + length))
+                cursor += length
+            else:
+                item = next_item[value]
+                next_item[value] += 1
+                grid = grids[value][item]
+                full = int(grid.prod()) // vision.unit
+                kept = _kept_windows(entries[value], item, grid, length, vision.unit)
+                expanded_any |= full != length
+                pieces.append((ids[start].expand(full), types_row[start].expand(full), mask_row[start].expand(full)))
+                selection.append(cursor + kept)
+                cursor += full
+            start += length
+        rows.append([torch.cat(parts) for parts in zip(*pieces)])
+        selections.append(torch.cat(selection))
+    if not expanded_any:
+        return original(input_ids, token_types, image_grid_thw, video_grid_thw, attention_mask)
+    longest = max(row[0].numel() for row in rows)
+    expanded = [torch.stack([torch.nn.functional.pad(row[part], (0, longest - row[part].numel())) for row in rows])
+                for part in range(3)]
+    positions, _ = original(expanded[0], expanded[1], image_grid_thw, video_grid_thw, expanded[2])
+    selection = torch.stack(selections).to(positions.device)
+    positions = positions.gather(2, selection[None].expand(3, -1, -1))
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    highest = positions.masked_fill(~valid[None], 0).amax(dim=(0, 2))
+    deltas = (highest + 1 - valid.sum(dim=1)).unsqueeze(1)
+    return positions, deltas
+
+
+def _kept_windows(entries, item: int, grid, length: int, unit: int) -> torch.Tensor:
+    """Indices (within the item's full window sequence) of its `length` surviving windows, in order. Before the
+    item is encoded (generate() asks first), any choice with the right count will do: the prefill fixes it."""
+    slices = int(grid[0])
+    windows = int(grid[1] * grid[2]) // unit
+    if item < len(entries) and entries[item].positions.numel() == length:
+        positions = entries[item].positions.cpu()
+    else:
+        positions = torch.arange(length // slices).expand(slices, -1)
+    return (torch.arange(slices)[:, None] * windows + positions).flatten()
+
+
+def patch_processor(state: IllavaState, processor, vision: PackedVision) -> None:
+    """Make a `Qwen2VLProcessor` instance emit one placeholder per surviving window."""
+
+    def replace_image_token(self, original, image_inputs, image_idx, **kwargs):
+        return self.image_token * vision.llm_tokens(image_inputs["image_grid_thw"][image_idx])
+
+    def replace_video_token(self, original, video_inputs, video_idx, **kwargs):
+        return self.video_token * vision.llm_tokens(video_inputs["video_grid_thw"][video_idx])
+
+    state.override_method(processor, "replace_image_token", replace_image_token)
+    state.override_method(processor, "replace_video_token", replace_video_token)

@@ -1,0 +1,163 @@
+"""Qwen2-VL: packed ViT-stage merging in 2x2 windows, M-RoPE positions of survivors, LLM stage with M-RoPE."""
+
+import pytest
+import torch
+
+import illava
+from illava.tiny_models import tiny_qwen2_vl
+
+from .conftest import logits_of, random_image, random_video
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+VIT = dict(enable_illava_vit=True, illava_vit_k="2-3", illava_vit_r=3)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    model, processor = tiny_qwen2_vl()
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def encode(processor, images=(), videos=(), text="describe"):
+    prompt = IMAGE * len(images) + VIDEO * len(videos) + text
+    return processor(images=list(images) or None, videos=list(videos) or None, text=prompt, return_tensors="pt")
+
+
+def capture_positions(model):
+    seen = {}
+
+    def hook(module, args, kwargs):
+        if kwargs.get("position_ids") is not None and kwargs["inputs_embeds"].shape[1] > 1:
+            seen["position_ids"] = kwargs["position_ids"]
+
+    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_disabled_and_r_zero_equal_unpatched(qwen):
+    model, processor = qwen
+    inputs = encode(processor, [random_image(100, 150)], [random_video(4, 84, 112)])
+    baseline = logits_of(model, inputs)
+    for options in (dict(enable_illava_vit=False), dict(VIT, illava_vit_r=0),
+                    dict(enable_illava_llm=True, illava_llm_k="2", illava_llm_r=0)):
+        with illava.applied(model, processor=processor, **options):
+            assert torch.equal(logits_of(model, encode(processor, [random_image(100, 150)], [random_video(4, 84, 112)])), baseline)
+    assert torch.equal(logits_of(model, inputs), baseline)
+    assert not model.model.visual.blocks[2]._forward_pre_hooks and "forward" not in vars(model.model.visual.blocks[2])
+
+
+def test_window_counts_per_segment_and_llm_token_count(qwen):
+    model, processor = qwen
+    with illava.applied(model, processor=processor, **VIT):
+        inputs = encode(processor, [random_image(100, 150)], [random_video(4, 84, 112)])
+        output = model(**inputs)
+        image, video = illava.last_trace(model).vision
+    # image: 8x10 patches = 4x5 windows = 20; video: 2 temporal slices of 3x4 windows = 12 each
+    assert (image.modality, image.grid, image.tokens_per_group) == ("image", (4, 5), [20, 17, 14])
+    assert (video.modality, video.grid, video.groups_per_item) == ("video", (3, 4), [2])
+    assert video.tokens_per_group == [12, 9, 6] and video.positions.shape == (2, 6)  # every slice kept
+    ids = inputs["input_ids"]
+    assert int((ids == model.config.image_token_id).sum()) == 14
+    assert int((ids == model.config.video_token_id).sum()) == 12
+    assert output.logits.shape[1] == ids.shape[1]
+
+
+def test_fraction_r_is_a_fraction_of_windows(qwen):
+    model, processor = qwen
+    with illava.applied(model, processor=processor, enable_illava_vit=True, illava_vit_k="2-3-4", illava_vit_r=0.16):
+        model(**encode(processor, [random_image(100, 150)]))
+        assert illava.last_trace(model).vision[0].tokens_per_group == [20, 17, 15, 13]
+
+
+def test_segments_never_mix(qwen):
+    model, processor = qwen
+    first_image = random_image(100, 150, seed=1)
+    with illava.applied(model, processor=processor, illava_track_vit_source=True, **VIT):
+        a = model.model.get_image_features(**{k: v for k, v in processor.image_processor(
+            [first_image, random_image(84, 84, seed=2)], return_tensors="pt").items()}).pooler_output
+        entries_a = illava.last_trace(model).vision
+        b = model.model.get_image_features(**{k: v for k, v in processor.image_processor(
+            [first_image, random_image(84, 84, seed=9)], return_tensors="pt").items()}).pooler_output
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[1], b[1])
+    for entry in entries_a:
+        windows = entry.grid[0] * entry.grid[1]
+        assert bool(((entry.positions >= 0) & (entry.positions < windows)).all())  # survivors from their own image
+        assert int(entry.sources.max()) == entry.tokens_per_group[-1] - 1
+
+
+def test_survivors_keep_their_true_mrope_positions(qwen):
+    model, processor = qwen
+    image, video = random_image(100, 150), random_video(4, 84, 112)
+    full_inputs = encode(processor, [image], [video])
+    full_positions, full_deltas = model.model.get_rope_index(
+        full_inputs["input_ids"], full_inputs["mm_token_type_ids"], full_inputs["image_grid_thw"],
+        full_inputs["video_grid_thw"], full_inputs["attention_mask"],
+    )
+    with illava.applied(model, processor=processor, **VIT):
+        inputs = encode(processor, [image], [video])
+        for run in ("forward", "generate"):
+            seen, handle = capture_positions(model)
+            try:
+                if run == "forward":
+                    model(**inputs)
+                else:
+                    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            finally:
+                handle.remove()
+            positions = seen["position_ids"][-3:]
+            image_entry, video_entry = illava.last_trace(model).vision
+            # expected: the unmerged positions at the surviving windows, text positions unchanged
+            ids, full_ids = inputs["input_ids"][0], full_inputs["input_ids"][0]
+            expected = []
+            for token_id, entry in ((model.config.image_token_id, image_entry), (model.config.video_token_id, video_entry)):
+                start = int((full_ids == token_id).nonzero()[0])
+                windows = entry.grid[0] * entry.grid[1]
+                kept = (torch.arange(entry.positions.shape[0])[:, None] * windows + entry.positions).flatten()
+                expected.append(full_positions[:, 0, start + kept])
+                assert torch.equal(positions[:, 0, ids == token_id], expected[-1]), run
+            text = ~((ids == model.config.image_token_id) | (ids == model.config.video_token_id))
+            full_text = ~((full_ids == model.config.image_token_id) | (full_ids == model.config.video_token_id))
+            assert torch.equal(positions[:, 0, text], full_positions[:, 0, full_text]), run
+        # the next text position is the same as without merging: max + 1 over a shorter prompt
+        assert torch.equal(model.model.rope_deltas, full_deltas + (full_ids.numel() - ids.numel()))
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_generate_both_stages_and_batch_matches_alone(backend):
+    model, processor = tiny_qwen2_vl(attn_implementation=backend, seed=4)
+    processor.tokenizer.padding_side = "left"
+    samples = [
+        dict(images=[random_image(100, 150, seed=1)], text=IMAGE + "describe"),
+        dict(videos=[random_video(4, 84, 112, seed=2)], text=VIDEO + "what happens here"),
+        dict(images=[random_image(84, 84, seed=3)], videos=[random_video(2, 84, 112, seed=4)],
+             text=IMAGE + VIDEO + "both"),
+    ]
+    options = dict(VIT, enable_illava_llm=True, illava_llm_k="2-3", illava_llm_r=0.9)
+
+    def run(batch_samples):
+        images = [image for sample in batch_samples for image in sample.get("images", [])]
+        videos = [video for sample in batch_samples for video in sample.get("videos", [])]
+        inputs = processor(images=images or None, videos=videos or None, text=[s["text"] for s in batch_samples],
+                           padding=True, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+    with illava.applied(model, processor=processor, **options):
+        tokens, logits = run(samples)
+        assert len(illava.last_trace(model).language) == 2
+        for index, sample in enumerate(samples):
+            alone_tokens, alone_logits = run([sample])
+            assert torch.equal(tokens[index], alone_tokens[0])
+            torch.testing.assert_close(logits[index], alone_logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_too_large_r_names_the_value(qwen):
+    model, processor = qwen
+    with illava.applied(model, processor=processor, enable_illava_vit=True, illava_vit_k="2", illava_vit_r=12):
+        with pytest.raises(ValueError, match="illava_vit_r=12 leaves no token in an image/frame of 3x4"):
+            model(**encode(processor, [random_image(84, 112)]))
+    with pytest.raises(ValueError, match=r"illava_vit_k=2-9: layer\(s\) \[9\]"):
+        illava.apply(model, enable_illava_vit=True, illava_vit_k="2-9")
