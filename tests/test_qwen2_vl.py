@@ -13,9 +13,10 @@ VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 VIT = dict(enable_illava_vit=True, illava_vit_k="2-3", illava_vit_r=3)
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    model, processor = tiny_qwen2_vl()
+@pytest.fixture(scope="module", params=["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"])
+def qwen(request):
+    """Qwen2-VL, and Qwen2.5-VL with 2x2-window attention in all blocks but 2 and 5."""
+    model, processor = tiny_qwen2_vl(model_class=request.param)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
@@ -93,7 +94,7 @@ def test_survivors_keep_their_true_mrope_positions(qwen):
     full_inputs = encode(processor, [image], [video])
     full_positions, full_deltas = model.model.get_rope_index(
         full_inputs["input_ids"], full_inputs["mm_token_type_ids"], full_inputs["image_grid_thw"],
-        full_inputs["video_grid_thw"], full_inputs["attention_mask"],
+        full_inputs["video_grid_thw"], attention_mask=full_inputs["attention_mask"],
     )
     with illava.applied(model, processor=processor, **VIT):
         inputs = encode(processor, [image], [video])
@@ -124,9 +125,13 @@ def test_survivors_keep_their_true_mrope_positions(qwen):
         assert torch.equal(model.model.rope_deltas, full_deltas + (full_ids.numel() - ids.numel()))
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_generate_both_stages_and_batch_matches_alone(backend):
-    model, processor = tiny_qwen2_vl(attn_implementation=backend, seed=4)
+@pytest.mark.parametrize(
+    "backend, model_class",
+    [("eager", "Qwen2VLForConditionalGeneration"), ("sdpa", "Qwen2VLForConditionalGeneration"),
+     ("sdpa", "Qwen2_5_VLForConditionalGeneration")],
+)
+def test_generate_both_stages_and_batch_matches_alone(backend, model_class):
+    model, processor = tiny_qwen2_vl(attn_implementation=backend, seed=4, model_class=model_class)
     processor.tokenizer.padding_side = "left"
     samples = [
         dict(images=[random_image(100, 150, seed=1)], text=IMAGE + "describe"),
@@ -161,3 +166,39 @@ def test_too_large_r_names_the_value(qwen):
             model(**encode(processor, [random_image(84, 112)]))
     with pytest.raises(ValueError, match=r"illava_vit_k=2-9: layer\(s\) \[9\]"):
         illava.apply(model, enable_illava_vit=True, illava_vit_k="2-9")
+
+
+def test_qwen25_window_boundaries_follow_the_survivors():
+    """After merging, windowed blocks attend within the survivors' own windows, full blocks within images."""
+    model, processor = tiny_qwen2_vl(model_class="Qwen2_5_VLForConditionalGeneration")
+    visual = model.model.visual
+    seen = {}
+
+    def capture(index):
+        def hook(module, args, kwargs):
+            seen.setdefault(index, []).append(kwargs["cu_seqlens"].tolist())
+        return hook
+
+    with illava.applied(model, processor=processor, enable_illava_vit=True, illava_vit_k="0-1", illava_vit_r=3):
+        # registered after illava's own hooks, so they see what the blocks receive
+        handles = [visual.blocks[index].register_forward_pre_hook(capture(index), with_kwargs=True) for index in (3, 5)]
+        try:
+            model(**encode(processor, [random_image(100, 150)], [random_video(4, 84, 112)]))
+        finally:
+            for handle in handles:
+                handle.remove()
+        entries = illava.last_trace(model).vision
+    window_side = visual.window_size // visual.spatial_merge_size // visual.patch_size  # in 2x2 units
+    for call, entry in enumerate(entries):  # images and videos go through the encoder in separate calls
+        expected_windows, expected_images, total = [0], [0], 0
+        rows, cols = entry.grid
+        windows_per_row = -(-cols // window_side)
+        for slice_positions in entry.positions:
+            window = (slice_positions // cols // window_side) * windows_per_row + slice_positions % cols // window_side
+            _, counts = torch.unique(window, return_counts=True)  # the encoder orders windows row-major
+            for count in counts.tolist():
+                total += count * 4
+                expected_windows.append(total)
+            expected_images.append(total)
+        assert seen[3][call] == expected_windows  # block 3 is windowed
+        assert seen[5][call] == expected_images  # block 5 attends over whole images / frames

@@ -32,6 +32,13 @@ class PackedRun:
     counts: list[torch.Tensor]  # [S] units per segment, before the first merge and after each one
     sliced: dict | None = None  # block arguments re-sliced for the current survivors
     rotary: tuple[torch.Tensor, ...] | None = None  # the encoder's per-token rotary tables, before any merge
+    # [N] attention-window id of each current token, for encoders that alternate windowed and full attention
+    window_of_token: torch.Tensor | None = None
+
+    def window_seqlens(self) -> torch.Tensor:
+        """`cu_seqlens` of the current tokens' attention windows (windows left empty disappear)."""
+        _, lengths = torch.unique_consecutive(self.window_of_token, return_counts=True)
+        return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(self.cu_seqlens.dtype)
 
     @classmethod
     def start(cls, cu_seqlens: torch.Tensor, unit_grids: torch.Tensor, unit: int, track_sources: bool) -> PackedRun:
@@ -71,17 +78,20 @@ def merge_packed(
     units_removed: Callable[[int], int],
     describe_segment: Callable[[int], str],
     setting: str,
+    attention_cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One merge step on packed `hidden [N, D]` with rotated `query`/`key [N, heads, head_dim]`.
 
-    Updates `run` (boundaries, origins, positions, sources, counts) and returns the packed survivors.
+    Tokens are scored by the attention they receive within the segments the block attended over
+    (`attention_cu_seqlens`: attention windows, default the merge segments), summed over queries so that
+    tokens of windows of different sizes compare fairly; then every merge segment loses its lowest units.
+    Updates `run` (boundaries, origins, positions, sources, counts, windows) and returns the packed survivors.
     """
     cu_seqlens = run.cu_seqlens
+    scores = _attention_mass(query, key, scale, cu_seqlens if attention_cu_seqlens is None else attention_cu_seqlens)
     padded_hidden, valid, _ = pad_segments(hidden, cu_seqlens)
-    padded_query, _, _ = pad_segments(query, cu_seqlens)
-    padded_key, _, _ = pad_segments(key, cu_seqlens)
     segments, longest, dim = padded_hidden.shape
-    scores = merge.attention_received(padded_query.transpose(1, 2), padded_key.transpose(1, 2), scale, valid=valid)
+    scores, _, _ = pad_segments(scores, cu_seqlens)
     units = run.counts[-1]
     unit_scores = scores.view(segments, longest // unit, unit).mean(dim=-1)
     unit_valid = valid[:, ::unit]
@@ -102,6 +112,9 @@ def merge_packed(
     survivors = merged_units.view(segments, longest, dim)[keep_tokens]
     origin, _, _ = pad_segments(run.origin, cu_seqlens)
     run.origin = origin[keep_tokens]
+    if run.window_of_token is not None:
+        window_of_token, _, _ = pad_segments(run.window_of_token, cu_seqlens)
+        run.window_of_token = window_of_token[keep_tokens]
     run.cu_seqlens = torch.nn.functional.pad(keep_tokens.sum(dim=1).cumsum(0), (1, 0)).to(cu_seqlens.dtype)
     run.positions = _compact_rows(run.positions, plan.keep)
     if run.sources is not None:
@@ -109,6 +122,14 @@ def merge_packed(
     run.counts.append(units - removed)
     run.sliced = None
     return survivors
+
+
+def _attention_mass(query, key, scale, cu_seqlens) -> torch.Tensor:
+    """`[N]` attention each token receives from the queries of its segment, summed over queries, mean over heads."""
+    padded_query, valid, _ = pad_segments(query, cu_seqlens)
+    padded_key, _, _ = pad_segments(key, cu_seqlens)
+    received = merge.attention_received(padded_query.transpose(1, 2), padded_key.transpose(1, 2), scale, valid=valid)
+    return (received * valid.sum(dim=1, keepdim=True))[valid]
 
 
 def _compact_rows(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

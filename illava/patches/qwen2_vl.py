@@ -1,4 +1,4 @@
-"""Qwen2-VL (`Qwen2VLForConditionalGeneration`): ViT-stage merging in the packed vision blocks, LLM-stage merging
+"""Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`): ViT-stage merging in the packed vision blocks, LLM-stage merging
 in the text model, and M-RoPE positions that follow the survivors. Checked on transformers 5.23.
 
 ViT stage: inside each chosen block (after the attention residual, before the MLP), every `cu_seqlens` segment
@@ -14,19 +14,25 @@ extent), so decoding continues at the right place.
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
-from transformers import Qwen2VLForConditionalGeneration, Qwen2VLModel
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLModel,
+)
+from transformers.vision_utils import get_vision_window_index
 
-from .. import merge
 from ..state import IllavaState
 from ..trace import VisionTrace
 from .common import EncoderCall, patch_encoding
 from .packed import PackedRun, merge_packed
 from .qwen2 import LanguageModelMerger, _rotate
 
-MODEL_CLASSES = (Qwen2VLForConditionalGeneration, Qwen2VLModel)
+MODEL_CLASSES = (Qwen2VLForConditionalGeneration, Qwen2VLModel, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel)
 MODALITY_OF_TOKEN_TYPE = {1: "image", 2: "video"}
 
 
@@ -54,7 +60,16 @@ def apply(state: IllavaState, model, processor=None) -> None:
 
 
 class PackedVision:
-    """The ViT stage on a `Qwen2VisionTransformerPretrainedModel` / Qwen2.5-VL vision tower instance."""
+    """The ViT stage on a Qwen2-VL / Qwen2.5-VL vision tower instance.
+
+    Qwen2.5-VL reorders the patches into attention windows (`window_index`) and runs most blocks on windows
+    (`cu_window_seqlens`), a few on whole images (`fullatt_block_indexes`). A merge layer may be any block: tokens
+    are scored by the attention they receive in that block (within its windows, or the whole image), each image /
+    frame loses its lowest-scored 2x2 units, the survivors stay in their windows, and both the image and the
+    window boundaries are recomputed for later blocks. The tower's `pooler_output` keeps the full window count
+    (zeros at merged-away windows) so transformers' own window un-permutation and per-image split still apply;
+    `get_image_features` / `get_video_features` return the surviving windows only.
+    """
 
     def __init__(self, state: IllavaState, visual, call: EncoderCall):
         self.state = state
@@ -62,17 +77,19 @@ class PackedVision:
         self.visual = visual
         self.call = call
         self.unit = visual.spatial_merge_size**2
+        self.full_attention_blocks = getattr(visual, "fullatt_block_indexes", None)  # None: no windows
         self.merge_layers = self.config.illava_vit_k if self.config.enable_illava_vit else ()
         self.run: PackedRun | None = None
         self.grid_thw: torch.Tensor | None = None
-        self.expand_output = False
+        self.window_index: torch.Tensor | None = None
         state.add_hook(visual.register_forward_pre_hook(self._start, with_kwargs=True))
         state.add_hook(visual.register_forward_hook(self._finish, with_kwargs=True, always_call=True))
         if self.merge_layers:
-            for index in range(self.merge_layers[0] + 1, len(visual.blocks)):
-                state.add_hook(visual.blocks[index].register_forward_pre_hook(self._reslice, with_kwargs=True))
+            state.add_hook(visual.merger.register_forward_hook(self._expand))
             first = visual.blocks[self.merge_layers[0]]
             state.add_hook(first.register_forward_pre_hook(self._remember_rotary, with_kwargs=True))
+            for index in range(self.merge_layers[0] + 1, len(visual.blocks)):
+                state.add_hook(visual.blocks[index].register_forward_pre_hook(self._reslice(index), with_kwargs=True))
             for index in self.merge_layers:
                 block = visual.blocks[index]
                 slot: dict = {}
@@ -95,71 +112,92 @@ class PackedVision:
 
     def _start(self, module, args, kwargs):
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        hidden = args[0] if args else kwargs["hidden_states"]
+        device = (args[0] if args else kwargs["hidden_states"]).device
         side = self.visual.spatial_merge_size
         self.grid_thw = grid_thw
         unit_grids = torch.repeat_interleave(grid_thw[:, 1:] // side, grid_thw[:, 0], dim=0)
         lengths = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=hidden.device, dtype=torch.int32)
-        self.run = PackedRun.start(cu_seqlens, unit_grids.to(hidden.device), self.unit,
-                                   self.config.illava_track_vit_source)
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+        self.run = PackedRun.start(cu_seqlens, unit_grids.to(device), self.unit, self.config.illava_track_vit_source)
+        units = int(lengths.sum()) // self.unit
+        if self.full_attention_blocks is None:
+            self.window_index = torch.arange(units, device=device)
+            return
+        self.window_index, cu_window_seqlens = get_vision_window_index(
+            grid_thw, spatial_merge_size=side, window_size=self.visual.window_size, patch_size=self.visual.patch_size
+        )
+        self.window_index = self.window_index.to(device)
+        window_lengths = (cu_window_seqlens[1:] - cu_window_seqlens[:-1]).to(device)
+        self.run.window_of_token = torch.repeat_interleave(torch.arange(window_lengths.numel(), device=device), window_lengths)
 
     def _finish(self, module, args, kwargs, output):
         run, self.run = self.run, None
-        if run is None or output is None:
-            return output
-        self._record(run)
-        if self.expand_output:
-            output.pooler_output = self._expand(output.pooler_output, run)
+        if run is not None and output is not None:
+            self._record(run)
         return output
 
     def _record(self, run: PackedRun) -> None:
-        """One `VisionTrace` per image/video: its segments (temporal slices) share a grid."""
-        slices = self.grid_thw[:, 0].tolist()
+        """One `VisionTrace` per image/video (its temporal slices share a grid), in raster order of windows."""
         first = 0
-        for count in slices:
-            segments = slice(first, first + count)
-            final = int(run.counts[-1][first])
-            positions = run.positions[segments, :final]
+        for count in self.grid_thw[:, 0].tolist():
             rows, cols = (int(v) for v in run.unit_grids[first])
-            local = torch.arange(count, device=positions.device)[:, None] * final + torch.arange(final, device=positions.device)
+            final = int(run.counts[-1][first])
+            positions, sources = [], []
+            for segment in range(first, first + count):
+                offset = int(run.counts[0][:segment].sum())
+                # permuted unit -> raster unit within the segment (identity without attention windows)
+                raster = self.window_index[offset : offset + rows * cols] - offset
+                survivors = raster[run.positions[segment, :final]]
+                order = survivors.argsort()
+                positions.append(survivors[order])
+                if run.sources is not None:
+                    rank = torch.empty_like(order)
+                    rank[order] = torch.arange(final, device=order.device)
+                    by_raster = torch.empty_like(raster)
+                    by_raster[raster] = rank[run.sources[segment, : rows * cols]]
+                    sources.append(by_raster)
+            local = torch.arange(count)[:, None] * final + torch.arange(final)
             self.state.trace.vision.append(
                 VisionTrace(
                     modality=self.call.modality,
                     grid=(rows, cols),
                     merge_layers=tuple(self.merge_layers),
                     tokens_per_group=[int(step[first]) for step in run.counts],
-                    positions=positions,
-                    sources=None if run.sources is None else run.sources[segments, : rows * cols],
+                    positions=torch.stack(positions),
+                    sources=torch.stack(sources) if sources else None,
                     groups_per_item=[count],
-                    features=local.cpu(),
+                    features=local,
                     window=self.visual.spatial_merge_size,
                 )
             )
             first += count
 
-    def _expand(self, pooled: torch.Tensor, run: PackedRun) -> torch.Tensor:
-        """Merged-window features -> the full window count, zeros where windows were merged away, so that
-        transformers' own split by `grid_thw` in `get_*_features` works; `_compact` undoes it per item."""
-        full = pooled.new_zeros(int(self.grid_thw.prod(-1).sum()) // self.unit, pooled.shape[-1])
+    def _expand(self, module, args, pooled):
+        """Merger output of the survivors -> the full unit count (zeros where units were merged away), in the
+        encoder's own unit order, so what the encoder does next (un-permuting windows) still applies."""
+        run = self.run
+        if run is None or len(run.counts) == 1:
+            return pooled
+        full = pooled.new_zeros(self.window_index.numel(), pooled.shape[-1])
         full[run.origin[:: self.unit] // self.unit] = pooled
         return full
 
     # -- blocks ---------------------------------------------------------------------------------------------
 
     def _merging_forward(self, slot: dict):
-        """`Qwen2VLVisionBlock.forward` (transformers 5.0-5.23) with the merge between attention and MLP."""
+        """`Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock.forward` (transformers 5.0-5.23) with the merge between
+        attention and MLP."""
 
         def forward(block, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
             hidden_states = hidden_states + block.attn(
                 block.norm1(hidden_states), cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs
             )
-            hidden_states = self._merge(block, hidden_states, slot.pop("qkv"), position_embeddings)
+            hidden_states = self._merge(block, hidden_states, slot.pop("qkv"), position_embeddings, cu_seqlens)
             return hidden_states + block.mlp(block.norm2(hidden_states))
 
         return forward
 
-    def _merge(self, block, hidden_states, qkv, position_embeddings):
+    def _merge(self, block, hidden_states, qkv, position_embeddings, attention_cu_seqlens):
         run = self.run
         heads = block.attn.num_heads
         query, key, _ = qkv.view(hidden_states.shape[0], 3, heads, -1).unbind(1)
@@ -172,28 +210,32 @@ class PackedVision:
 
         return merge_packed(
             run, hidden_states, query, key, block.attn.scaling, self.unit, self.config.vit_tokens_removed, describe,
-            setting=f"illava_vit_r={self.config.illava_vit_r}",
+            setting=f"illava_vit_r={self.config.illava_vit_r}", attention_cu_seqlens=attention_cu_seqlens,
         )
 
     def _remember_rotary(self, module, args, kwargs):
         if self.run is not None:
             self.run.rotary = kwargs["position_embeddings"]
 
-    def _reslice(self, module, args, kwargs):
-        run = self.run
-        if run is None or len(run.counts) == 1:  # nothing merged yet
-            return None
-        if run.sliced is None:
-            lengths = run.cu_seqlens[1:] - run.cu_seqlens[:-1]
-            cos, sin = run.rotary
-            run.sliced = {
-                "cu_seqlens": run.cu_seqlens,
-                "position_embeddings": (cos[run.origin], sin[run.origin]),
-            }
+    def _reslice(self, block_index: int):
+        windowed = self.full_attention_blocks is not None and block_index not in self.full_attention_blocks
+
+        def hook(module, args, kwargs):
+            run = self.run
+            if run is None or len(run.counts) == 1:  # nothing merged yet
+                return None
+            if run.sliced is None:
+                cos, sin = run.rotary
+                run.sliced = {"position_embeddings": (cos[run.origin], sin[run.origin]), "images": run.cu_seqlens}
+                if run.window_of_token is not None:
+                    run.sliced["windows"] = run.window_seqlens()
+            boundaries = run.sliced["windows" if windowed else "images"]
+            kwargs.update(cu_seqlens=boundaries, position_embeddings=run.sliced["position_embeddings"])
             if kwargs.get("max_seqlen") is not None:
-                run.sliced["max_seqlen"] = int(lengths.max())
-        kwargs.update(run.sliced)
-        return args, kwargs
+                kwargs["max_seqlen"] = int((boundaries[1:] - boundaries[:-1]).max())
+            return args, kwargs
+
+        return hook
 
 
 def _patch_features(state: IllavaState, inner, vision: PackedVision) -> None:
@@ -201,11 +243,7 @@ def _patch_features(state: IllavaState, inner, vision: PackedVision) -> None:
     output and keep each item's surviving windows."""
 
     def features(self, original, *args, **kwargs):
-        vision.expand_output = True
-        try:
-            output = original(*args, **kwargs)
-        finally:
-            vision.expand_output = False
+        output = original(*args, **kwargs)
         items = state.trace.vision[-len(output.pooler_output):]
         output.pooler_output = tuple(
             _surviving_windows(item_features, entry) for item_features, entry in zip(output.pooler_output, items)
@@ -231,12 +269,17 @@ def _patch_positions(state: IllavaState, inner, vision: PackedVision) -> None:
         prefill.clear()
         prefill.update({name: kwargs.get(name) for name in
                         ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask",
-                         "position_ids")})
+                         "position_ids", "second_per_grid_ts")})
 
     def get_rope_index(self, original, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
-                       attention_mask=None, **kwargs):
+                       *args, attention_mask=None, **kwargs):
+        if args:  # Qwen2-VL: (..., attention_mask); Qwen2.5-VL: (..., second_per_grid_ts, attention_mask)
+            names = [name for name in inspect.signature(original).parameters if name not in ("kwargs",)][4:]
+            kwargs.update(zip(names, args))
+            attention_mask = kwargs.pop("attention_mask", attention_mask)
         return _rope_index_with_survivors(
-            state, vision, original, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask
+            state, vision, original, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask,
+            **kwargs,
         )
 
     def fix_positions(module, args, kwargs):
@@ -251,8 +294,10 @@ def _patch_positions(state: IllavaState, inner, vision: PackedVision) -> None:
             return None
         grids = [prefill[name] if prefill[name] is not None else _grids_of(state.trace.by_modality(modality), vision)
                  for name, modality in (("image_grid_thw", "image"), ("video_grid_thw", "video"))]
+        extra = {"second_per_grid_ts": prefill["second_per_grid_ts"]} if prefill["second_per_grid_ts"] is not None else {}
         positions, _ = inner.get_rope_index(
-            prefill["input_ids"], prefill["mm_token_type_ids"], *grids, prefill["attention_mask"]
+            prefill["input_ids"], prefill["mm_token_type_ids"], *grids, attention_mask=prefill["attention_mask"],
+            **extra,
         )
         kwargs["position_ids"] = torch.cat((given[:1], positions), dim=0) if given.shape[0] == 4 else positions
         return args, kwargs
@@ -271,7 +316,7 @@ def _grids_of(entries: list[VisionTrace], vision: PackedVision) -> torch.Tensor 
 
 
 def _rope_index_with_survivors(state, vision, original, input_ids, token_types, image_grid_thw, video_grid_thw,
-                               attention_mask):
+                               attention_mask, **extra):
     """Run transformers' own `get_rope_index` on the prompt with every merged image/video expanded back to its
     full window count, then keep the positions of the tokens that exist: text, and the surviving windows."""
     grids = {1: image_grid_thw, 2: video_grid_thw}
@@ -303,11 +348,11 @@ def _rope_index_with_survivors(state, vision, original, input_ids, token_types, 
         rows.append([torch.cat(parts) for parts in zip(*pieces)])
         selections.append(torch.cat(selection))
     if not expanded_any:
-        return original(input_ids, token_types, image_grid_thw, video_grid_thw, attention_mask)
+        return original(input_ids, token_types, image_grid_thw, video_grid_thw, attention_mask=attention_mask, **extra)
     longest = max(row[0].numel() for row in rows)
     expanded = [torch.stack([torch.nn.functional.pad(row[part], (0, longest - row[part].numel())) for row in rows])
                 for part in range(3)]
-    positions, _ = original(expanded[0], expanded[1], image_grid_thw, video_grid_thw, expanded[2])
+    positions, _ = original(expanded[0], expanded[1], image_grid_thw, video_grid_thw, attention_mask=expanded[2], **extra)
     selection = torch.stack(selections).to(positions.device)
     positions = positions.gather(2, selection[None].expand(3, -1, -1))
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)

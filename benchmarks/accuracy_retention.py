@@ -1,0 +1,311 @@
+"""Accuracy vs visual-token budget on held-out generated scenes, with the trained default model.
+
+Each image is a 224x224 scene; LLaVA-OneVision turns it into a base crop and one high-resolution crop of
+14x14 = 196 tokens each, plus a newline token per row of the high-resolution grid: 406 visual tokens. A budget is
+a side s of a square per-crop grid (s*s tokens per crop, 2*s*s + s visual tokens for the LLM), reached by:
+
+- vit:    iLLaVA in the vision tower, layers --vit-k, r = (196 - s*s) / len(k) tokens merged per layer and crop
+- llm:    iLLaVA in the decoder at layer --llm-k, keeping 2*s*s + s of the 406 visual tokens; the layers before
+          it still see all 406
+- both:   the ViT stage to the side whose count is nearest the geometric mean of the target and 406, the LLM
+          stage for the rest (ViT stage off when that side is the full 14)
+- random: the same s*s tokens per crop kept at random (seeded), in raster order
+- pool:   each crop's 14x14 grid average-pooled to s x s
+
+random and pool reduce the projected features of each crop and lay the s x s grids out as LLaVA-OneVision does
+(base crop, then the high-resolution grid with a newline per row) - the layout iLLaVA's ViT stage produces for a
+square count - so every method hands the LLM the same number of tokens in the same arrangement.
+
+    python benchmarks/accuracy_retention.py                     # 200 held-out scenes, all methods and budgets
+    python benchmarks/accuracy_retention.py --samples 40 --sides 10 7 --methods vit pool
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shlex
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `training.scenes` lives in the checkout, next to the package
+
+import illava  # noqa: E402
+from illava.default_model import build_prompt, decode_answer, load_default_model  # noqa: E402
+from training.scenes import SIZE, Sample, sample  # noqa: E402
+
+METHODS = ("vit", "llm", "both", "random", "pool")
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# -- budgets ----------------------------------------------------------------------------------------------
+
+
+def llm_tokens(side: int) -> int:
+    """Visual tokens the LLM receives for one scene when each crop holds side x side tokens."""
+    return 2 * side * side + side
+
+
+def valid_sides(full_side: int, vit_layers: int) -> list[int]:
+    """Sides the ViT stage reaches with an integer r on `vit_layers` layers (largest first, full side included)."""
+    full = full_side * full_side
+    return [side for side in range(full_side, 0, -1) if (full - side * side) % vit_layers == 0]
+
+
+def vit_options(side: int, full_side: int, layers: tuple[int, ...]) -> dict:
+    removed = (full_side * full_side - side * side) // len(layers)
+    return dict(enable_illava_vit=True, illava_vit_k="-".join(map(str, layers)), illava_vit_r=removed)
+
+
+def llm_options(target: int, current: int, layers: tuple[int, ...]) -> dict:
+    # a keep ratio whose floor lands exactly on the target count
+    return dict(enable_illava_llm=True, illava_llm_k="-".join(map(str, layers)), illava_llm_r=(target + 0.5) / current)
+
+
+def settings_for(method: str, side: int, full_side: int, vit_k: tuple[int, ...], llm_k: tuple[int, ...]) -> dict:
+    """The illava options for `method` at `side` (empty for the baselines)."""
+    full = llm_tokens(full_side)
+    if method == "vit":
+        return vit_options(side, full_side, vit_k)
+    if method == "llm":
+        return llm_options(llm_tokens(side), full, llm_k)
+    if method == "both":
+        middle = math.sqrt(llm_tokens(side) * full)
+        candidates = [s for s in valid_sides(full_side, len(vit_k)) if s > side]
+        vit_side = min(candidates, key=lambda s: abs(math.log(llm_tokens(s) / middle)))
+        options = llm_options(llm_tokens(side), llm_tokens(vit_side), llm_k)
+        if vit_side < full_side:
+            options.update(vit_options(vit_side, full_side, vit_k))
+        return options
+    return {}
+
+
+def describe(method: str, options: dict, side: int) -> str:
+    parts = []
+    if options.get("enable_illava_vit"):
+        parts.append(f"vit k={options['illava_vit_k']} r={options['illava_vit_r']}")
+    if options.get("enable_illava_llm"):
+        parts.append(f"llm k={options['illava_llm_k']} keep={options['illava_llm_r']:.3f}")
+    if method == "random":
+        parts.append(f"random {side}x{side}/crop")
+    if method == "pool":
+        parts.append(f"avg-pool {side}x{side}/crop")
+    return ", ".join(parts)
+
+
+# -- baselines: reduce each crop's projected features, then lay them out as LLaVA-OneVision does ------------
+
+
+def random_keep(features: torch.Tensor, tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """`[crops, n, D] -> [crops, tokens, D]`: a random subset per crop, kept in raster order."""
+    scores = torch.rand(features.shape[:2], generator=generator).to(features.device)
+    keep = scores.topk(tokens, dim=1).indices.sort(dim=1).values
+    return features.gather(1, keep[..., None].expand(-1, -1, features.shape[-1]))
+
+
+def average_pool(features: torch.Tensor, tokens: int) -> torch.Tensor:
+    """`[crops, side*side, D] -> [crops, tokens, D]`: adaptive average pooling of each crop's token grid."""
+    crops, count, dim = features.shape
+    side, target = math.isqrt(count), math.isqrt(tokens)
+    grid = features.transpose(1, 2).reshape(crops, dim, side, side)
+    return nn.functional.adaptive_avg_pool2d(grid, target).flatten(2).transpose(1, 2)
+
+
+def anyres_layout(inner, features: torch.Tensor, image_size, image_newline: torch.Tensor) -> torch.Tensor:
+    """One image's crops `[crops, s*s, D]` as the LLM sees them: base crop, then the stitched high-resolution
+    grid, unpadded to the image's aspect ratio, with a newline token after each row.
+
+    The scenes' single pinpoint never triggers LLaVA-OneVision's `anyres_max_9` downscaling, which is left out.
+    """
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
+
+    side = math.isqrt(features.shape[1])
+    rows, cols = get_anyres_image_grid_shape(
+        image_size, inner.config.image_grid_pinpoints, inner.config.vision_config.image_size
+    )
+    grid = features[1:].view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+    grid = unpad_image(grid, image_size)
+    newline = image_newline[:, None, None].expand(*grid.shape[:-1], 1).to(grid)
+    grid = torch.cat((grid, newline), dim=-1).flatten(1, 2).transpose(0, 1)
+    return torch.cat((features[0], grid), dim=0)
+
+
+@contextlib.contextmanager
+def reduced_crops(model, processor, tokens: int, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, each crop reaches the LLM as `tokens` reduced features and prompts carry as many
+    placeholders; both patches live on these instances and are removed on exit."""
+    inner = model.model
+
+    def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio=None):
+        packed = [anyres_layout(self, reduce(feature), size, image_newline)
+                  for feature, size in zip(image_features, image_sizes)]
+        lengths = torch.tensor([feature.shape[0] for feature in packed], device=packed[0].device)
+        return packed, lengths
+
+    inner.pack_image_features = types.MethodType(pack_image_features, inner)
+    full_tokens = processor.num_image_tokens
+    processor.num_image_tokens = tokens  # the processor's anyres arithmetic on a sqrt(tokens) grid
+    try:
+        yield
+    finally:
+        del inner.pack_image_features
+        processor.num_image_tokens = full_tokens
+
+
+# -- evaluation -------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def run(model, processor, items: list[Sample], batch_size: int) -> tuple[float, float]:
+    """Exact-match accuracy of greedy answers, and the mean visual tokens the LLM's last layers saw per scene."""
+    hits, visual = [], []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        texts = [build_prompt(processor, item.question) for item in batch]
+        inputs = processor(images=[item.image for item in batch], text=texts, return_tensors="pt", padding=True)
+        generated = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        hits += [answer == item.answer for answer, item in zip(decode_answer(processor, generated, inputs), batch)]
+        counts = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
+        if illava.is_applied(model) and illava.last_trace(model).language:
+            counts = illava.last_trace(model).language[-1].visual_tokens_per_span
+        visual += counts
+    return sum(hits) / len(hits), sum(visual) / len(visual)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=200, help="held-out scenes (test split, from index 0)")
+    parser.add_argument("--sides", type=int, nargs="+", default=[13, 11, 10, 8, 7, 5, 4],
+                        help="per-crop grid sides to test (each must be reachable by the ViT stage)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--vit-k", default="2-3-4")
+    parser.add_argument("--llm-k", default="2")
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="random dropping's generator seed")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    command = "python " + shlex.join([str(Path(sys.argv[0])), *(sys.argv[1:] if argv is None else argv)])
+
+    torch.set_num_threads(args.threads)
+    vit_k = illava.IllavaConfig(illava_vit_k=args.vit_k).illava_vit_k
+    llm_k = illava.IllavaConfig(illava_llm_k=args.llm_k).illava_llm_k
+    model, processor = load_default_model()
+    full_side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    reachable = valid_sides(full_side, len(vit_k))
+    unreachable = [side for side in args.sides if side not in reachable or side >= full_side]
+    if unreachable:
+        raise SystemExit(f"sides {unreachable} are not reachable with {len(vit_k)} ViT merge layers; use {reachable[1:]}")
+    items = [sample("test", index) for index in range(args.samples)]
+    blank = [Sample(item.image.point(lambda _: 128), item.question, item.answer, item.kind, []) for item in items]
+
+    rows = []
+
+    def record(method: str, side: int, setting: str, measure: Callable[[], tuple[float, float]]) -> None:
+        start = time.perf_counter()
+        accuracy, visual = measure()
+        rows.append(dict(method=method, side=side, setting=setting, accuracy=accuracy, visual_tokens=visual,
+                         seconds=time.perf_counter() - start))
+        print(f"{method:8s} side {side:2d}  {setting:45s} visual {visual:6.1f}  accuracy {accuracy:.3f}  "
+              f"[{rows[-1]['seconds']:.0f} s]", flush=True)
+
+    record("full", full_side, "no reduction", lambda: run(model, processor, items, args.batch_size))
+    record("blank", full_side, "grey image (text-only floor)", lambda: run(model, processor, blank, args.batch_size))
+    for method in args.methods:
+        for side in args.sides:
+            options = settings_for(method, side, full_side, vit_k, llm_k)
+            setting = describe(method, options, side)
+            if options:
+                with illava.applied(model, options, processor=processor):
+                    record(method, side, setting, lambda: run(model, processor, items, args.batch_size))
+            else:
+                tokens = side * side
+                if method == "random":
+                    generator = torch.Generator().manual_seed(args.seed)
+                    reduce = lambda features: random_keep(features, tokens, generator)  # noqa: E731
+                else:
+                    reduce = lambda features: average_pool(features, tokens)  # noqa: E731
+                with reduced_crops(model, processor, tokens, reduce):
+                    record(method, side, setting, lambda: run(model, processor, items, args.batch_size))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows, args.samples, command)
+    (args.out / "accuracy_retention.md").write_text(table)
+    (args.out / "accuracy_retention.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    plot(rows, args.out / "accuracy_retention.png", args.samples, vit_k, llm_k)
+    print()
+    print(table)
+    print(f"wrote {args.out / 'accuracy_retention.md'}, .json and .png")
+
+
+def markdown_table(rows: list[dict], samples: int, command: str) -> str:
+    """Accuracy per method (columns) and budget (rows); the budget is the visual tokens the LLM receives."""
+    full = next(row for row in rows if row["method"] == "full")
+    blank = next(row for row in rows if row["method"] == "blank")
+    methods = [method for method in METHODS if any(row["method"] == method for row in rows)]
+    sides = sorted({row["side"] for row in rows if row["method"] in methods}, reverse=True)
+    lines = [
+        f"Accuracy (exact match, greedy) on {samples} held-out scenes; full model {full['accuracy']:.3f} with "
+        f"{llm_tokens(full['side'])} visual tokens, grey image (text only) {blank['accuracy']:.3f}.",
+        "",
+        "| tokens/crop | LLM visual tokens | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for side in sides:
+        cells = []
+        for method in methods:
+            match = [row for row in rows if row["method"] == method and row["side"] == side]
+            cells.append(f"{match[0]['accuracy']:.3f}" if match else "")
+        lines.append(f"| {side}x{side} = {side * side} | {llm_tokens(side)} ({llm_tokens(side) / llm_tokens(full['side']):.0%}) | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Settings:", ""]
+    lines += [f"- {row['method']} {row['side']}x{row['side']}: {row['setting']}" for row in rows
+              if row["method"] in methods]
+    lines += ["", f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, samples: int, vit_k: tuple[int, ...], llm_k: tuple[int, ...]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = next(row for row in rows if row["method"] == "full")
+    blank = next(row for row in rows if row["method"] == "blank")
+    labels = {
+        "vit": f"iLLaVA ViT (k={'-'.join(map(str, vit_k))})",
+        "llm": f"iLLaVA LLM (k={'-'.join(map(str, llm_k))})",
+        "both": "iLLaVA ViT + LLM",
+        "random": "random dropping",
+        "pool": "uniform average pooling",
+    }
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method, label in labels.items():
+        points = sorted((llm_tokens(row["side"]), row["accuracy"]) for row in rows if row["method"] == method)
+        if points:
+            points.append((llm_tokens(full["side"]), full["accuracy"]))
+            axes.plot(*zip(*points), marker="o", label=label)
+    axes.axhline(blank["accuracy"], color="grey", linestyle=":", label="grey image (text only)")
+    axes.set_xlabel("visual tokens the LLM works on (after the last merge)")
+    axes.set_ylabel("held-out accuracy")
+    axes.set_title(f"Tiny LLaVA-OneVision on generated scenes, {samples} held-out questions")
+    axes.set_ylim(0, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
