@@ -1,0 +1,74 @@
+"""ViT-stage merging inside the LLaVA-ViT packing encoder."""
+
+import pytest
+import torch
+
+import illava
+from illava.models.llava_vit import compute_patch_positions_from_grid_thw
+
+from .test_llava_vit_model import patches_for, random_model, tiny_config
+
+VIT = dict(enable_illava_vit=True, illava_vit_k="1-2", illava_vit_r=5)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return random_model(tiny_config(num_hidden_layers=4, use_head=True))
+
+
+def test_disabled_and_r_zero_equal_unpatched(encoder):
+    grid = torch.tensor([[1, 4, 6], [3, 4, 4]])
+    patches = patches_for(grid)
+    with torch.no_grad():
+        baseline = encoder(patches, grid)
+        for options in (dict(enable_illava_vit=False), dict(VIT, illava_vit_r=0)):
+            with illava.applied(encoder, **options):
+                output = encoder(patches, grid)
+            assert torch.equal(output.last_hidden_state, baseline.last_hidden_state)
+            assert torch.equal(output.pooler_output, baseline.pooler_output)
+
+
+def test_counts_isolation_and_pooling_on_survivors(encoder):
+    grid = torch.tensor([[1, 4, 6], [3, 4, 4]])  # an image (24 patches) and a 3-frame video (48): one segment each
+    patches = patches_for(grid)
+    with torch.no_grad(), illava.applied(encoder, illava_track_vit_source=True, **VIT):
+        packed = encoder(patches, grid)
+        image, video = illava.last_trace(encoder).vision
+        alone = [encoder(patches[:24], grid[:1]), encoder(patches[24:], grid[1:])]
+        changed = patches.clone()
+        changed[24:] = torch.randn_like(changed[24:])
+        with_other_video = encoder(changed, grid)
+    assert image.tokens_per_group == [24, 19, 14] and video.tokens_per_group == [48, 43, 38]
+    assert packed.last_hidden_state.shape[0] == 14 + 38
+    # packing equals running each segment alone, and segment B never moves segment A
+    torch.testing.assert_close(packed.last_hidden_state[:14], alone[0].last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.last_hidden_state[14:], alone[1].last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.pooler_output, torch.cat([a.pooler_output for a in alone]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_other_video.last_hidden_state[:14], packed.last_hidden_state[:14], rtol=0, atol=1e-6)
+    # the head pooled each segment's survivors (the final layer norm applied), nothing else
+    manual = encoder.head(packed.last_hidden_state[:14][None])
+    torch.testing.assert_close(packed.pooler_output[:1], manual, rtol=1e-5, atol=1e-5)
+    # sources: every survivor stands for its own patch, and patches of the video map inside the video
+    assert image.positions.shape == (1, 14) and int(video.positions.max()) < 48
+    assert torch.equal(image.sources[0, image.positions[0]], torch.arange(14))
+
+
+def test_patch_positions_give_the_same_merge_as_grid(encoder):
+    grid = torch.tensor([[2, 4, 4]])
+    patches = patches_for(grid, seed=5)
+    with torch.no_grad(), illava.applied(encoder, **VIT):
+        by_grid = encoder(patches, grid)
+        kept_by_grid = illava.last_trace(encoder).vision[0].positions
+        by_positions = encoder(patches, grid, patch_positions=compute_patch_positions_from_grid_thw(grid))
+        kept_by_positions = illava.last_trace(encoder).vision[0].positions
+    assert torch.equal(kept_by_grid, kept_by_positions)
+    torch.testing.assert_close(by_grid.last_hidden_state, by_positions.last_hidden_state)
+
+
+def test_r_leaving_nothing_is_named(encoder):
+    grid = torch.tensor([[1, 2, 3]])
+    with illava.applied(encoder, enable_illava_vit=True, illava_vit_k="1", illava_vit_r=6):
+        with pytest.raises(ValueError, match=r"illava_vit_r=6 leaves no token in segment 0 \(t, h, w = 1, 2, 3\)"):
+            encoder(patches_for(grid), grid)
+    with pytest.raises(ValueError, match="enable_illava_llm"):
+        illava.apply(encoder, enable_illava_llm=True, illava_llm_k="1")
