@@ -75,8 +75,9 @@ class IllavaTrace:
     item_starts: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def clear(self) -> None:
-        self.vision.clear()
-        self.language.clear()
+        """Start over for a new forward; lists handed out earlier keep what they held."""
+        self.vision = []
+        self.language = []
         self.tokens_per_item = {"image": [], "video": []}
         self.item_starts = {}
 

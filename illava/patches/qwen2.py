@@ -209,7 +209,7 @@ class LanguageModelMerger:
             attention_mask = kwargs.get("attention_mask")
             key_mask = attention_mask.bool() if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
             self.run = _Prefill(span, key_mask, self.config.illava_track_llm_source)
-            self.state.trace.language.clear()
+            self.state.trace.language = []
         elif plan is not None:
             self.run = _Continuation(plan, past_length, embeds.shape[1])
         else:

@@ -10,6 +10,7 @@ backend the model runs.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -26,44 +27,50 @@ def _capture_output(slot: dict, key: str):
     return hook
 
 
-def _merging_layer_forward(state: IllavaState, layer_index: int, slot: dict):
-    """Forward of a SigLIP encoder layer with the merge between attention and MLP.
-
-    Same computation as `SiglipEncoderLayer.forward` / `Siglip2EncoderLayer.forward` of transformers 5.0-5.23
-    otherwise (checked on 5.23).
-    """
-    config = state.config
+def merging_layer_forward(merge_step):
+    """Forward of a SigLIP / SigLIP2 encoder layer with `merge_step(layer, hidden_states)` between the attention
+    residual and LN2/MLP. Same computation as `SiglipEncoderLayer.forward` / `Siglip2EncoderLayer.forward` of
+    transformers 5.0-5.23 otherwise (checked on 5.23)."""
 
     def forward(layer, hidden_states, attention_mask=None, **kwargs):
-        if attention_mask is not None:
-            raise ValueError(
-                "illava: ViT merging in a SigLIP tower that receives an attention mask is not supported "
-                f"(layer {layer_index}); LLaVA-OneVision passes none"
-            )
         residual = hidden_states
         attention_output, _ = layer.self_attn(
             hidden_states=layer.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs
         )
-        hidden_states = residual + attention_output
-        query, key = slot.pop("q"), slot.pop("k")
-        hidden_states = _merge_step(state, layer, hidden_states, query, key, config.vit_tokens_removed)
+        hidden_states = merge_step(layer, residual + attention_output, attention_mask)
         residual = hidden_states
         return residual + layer.mlp(layer.layer_norm2(hidden_states))
 
     return forward
 
 
-def _merge_step(state: IllavaState, layer, hidden_states, query, key, tokens_removed) -> torch.Tensor:
+def captured_query_key(layer, slot: dict, rows: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's q and k `[rows, heads, tokens, head_dim]` from the projections captured by `capture_query_key`."""
+    head_dim = layer.self_attn.head_dim
+    query = slot.pop("q").view(rows, tokens, -1, head_dim).transpose(1, 2)
+    key = slot.pop("k").view(rows, tokens, -1, head_dim).transpose(1, 2)
+    return query, key
+
+
+def capture_query_key(state: IllavaState, layer) -> dict:
+    slot: dict = {}
+    state.add_hook(layer.self_attn.q_proj.register_forward_hook(_capture_output(slot, "q")))
+    state.add_hook(layer.self_attn.k_proj.register_forward_hook(_capture_output(slot, "k")))
+    return slot
+
+
+def _merge_step(state: IllavaState, slot: dict, layer, hidden_states, attention_mask) -> torch.Tensor:
+    """Merge every row (crop/frame) of `[rows, tokens, dim]`; rows are never padded in LLaVA-OneVision."""
+    if attention_mask is not None:
+        raise ValueError("illava: ViT merging in a SigLIP tower that receives an attention mask is not supported")
     entry: VisionTrace = state.trace.vision[-1]
     rows, tokens, _ = hidden_states.shape
-    r = tokens_removed(tokens)
+    query, key = captured_query_key(layer, slot, rows, tokens)
+    r = state.config.vit_tokens_removed(tokens)
     if r == 0:
         entry.tokens_per_group.append(tokens)
         return hidden_states
-    attention = layer.self_attn
-    query = query.view(rows, tokens, -1, attention.head_dim).transpose(1, 2)
-    key = key.view(rows, tokens, -1, attention.head_dim).transpose(1, 2)
-    scores = merge.attention_received(query, key, attention.scale)
+    scores = merge.attention_received(query, key, layer.self_attn.scale)
     hidden_states, plan = merge.merge_tokens(hidden_states, scores, r)
     entry.positions = merge.update_positions(entry.positions, plan)
     if entry.sources is not None:
@@ -100,9 +107,6 @@ def patch_siglip_vision_model(state: IllavaState, vision_model, modality_of_call
     state.add_hook(vision_model.register_forward_pre_hook(start_trace, with_kwargs=True))
     for layer_index in merge_layers:
         layer = vision_model.encoder.layers[layer_index]
-        slot: dict = {}
-        state.add_hook(layer.self_attn.q_proj.register_forward_hook(_capture_output(slot, "q")))
-        state.add_hook(layer.self_attn.k_proj.register_forward_hook(_capture_output(slot, "k")))
-        state.set_attribute(
-            layer, "forward", types.MethodType(_merging_layer_forward(state, layer_index, slot), layer)
-        )
+        slot = capture_query_key(state, layer)
+        step = functools.partial(_merge_step, state, slot)
+        state.set_attribute(layer, "forward", types.MethodType(merging_layer_forward(step), layer))
