@@ -202,3 +202,21 @@ def test_qwen25_window_boundaries_follow_the_survivors():
             expected_images.append(total)
         assert seen[3][call] == expected_windows  # block 3 is windowed
         assert seen[5][call] == expected_images  # block 5 attends over whole images / frames
+
+
+def test_llm_sources_map_windows_to_surviving_llm_tokens(qwen):
+    model, processor = qwen
+    with illava.applied(model, processor=processor, illava_track_vit_source=True, enable_illava_llm=True,
+                        illava_llm_k="2", illava_llm_r=0.5, illava_track_llm_source=True, **VIT):
+        inputs = encode(processor, [random_image(100, 150)], [random_video(4, 84, 112)])
+        model(**inputs)
+        trace = illava.last_trace(model)
+        kept = set(trace.language[-1].kept_positions(0).tolist())
+        ids = inputs["input_ids"][0]
+        for index, entry in enumerate(trace.vision):
+            samples, positions = trace.llm_source_map(index)
+            assert positions.shape == (entry.num_groups, *entry.grid) and samples.tolist() == [0] * entry.num_groups
+            mapped = set(positions.flatten().tolist())
+            token = model.config.image_token_id if entry.modality == "image" else model.config.video_token_id
+            assert -1 not in mapped and mapped <= kept
+            assert all(int(ids[position]) == token for position in mapped)
