@@ -21,6 +21,8 @@ class VisionTrace:
     tokens_per_group: list[int]  # before the first merge layer, then after each one
     positions: torch.Tensor  # [G, K] original raster index (row * cols + col) of each survivor
     sources: torch.Tensor | None = None  # [G, rows*cols]: index of the survivor each original patch went into
+    # the same after each merge layer (the last equals `sources`); indices are only meaningful as a partition
+    source_history: list[torch.Tensor] = dataclasses.field(default_factory=list)
     groups_per_item: list[int] | None = None
     # [G, K]: index, within its image/video's LLM placeholders, of the feature each survivor ends up in
     # (-1: cut away by unpadding); downsampled layouts map a survivor to the feature whose cell holds it
@@ -36,8 +38,11 @@ class VisionTrace:
         cols = self.grid[1]
         return torch.stack((self.positions // cols, self.positions % cols), dim=-1)
 
-    def source_map(self) -> torch.Tensor:
-        """`[G, rows, cols]`: for each original patch, the survivor (index within its group) it was merged into."""
+    def source_map(self, layer: int | None = None) -> torch.Tensor:
+        """`[G, rows, cols]`: for each original patch, the survivor (index within its group) it was merged into;
+        with `layer` (an index into `merge_layers`), the merge group it belonged to after that layer."""
+        if layer is not None and self.source_history:
+            return self.source_history[layer].view(-1, *self.grid)
         if self.sources is not None:
             return self.sources.view(-1, *self.grid)
         if not self.merge_layers:  # nothing merged: every patch is its own survivor
@@ -81,12 +86,13 @@ class IllavaTrace:
         self.tokens_per_item = {"image": [], "video": []}
         self.item_starts = {}
 
-    def llm_source_map(self, entry: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map every original patch of vision call `entry` through both stages to the LLM token standing for it.
+    def llm_source_map(self, entry: int = 0, layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map every original patch of vision entry `entry` through both stages to the LLM token standing for it.
 
         Returns `(samples [G], positions [G, rows, cols])`: the batch row of each group (crop/frame) and, per
-        original patch, the prompt position of the token that represents it after the last LLM merge layer
-        (after the ViT stage when the LLM stage did not merge), -1 where the layout cut the patch away.
+        original patch, the prompt position of the token that represents it after LLM merge layer `layer` (an
+        index into `language`; after the ViT stage when the LLM stage did not merge), -1 where the layout cut the
+        patch away (unpadding).
         """
         vision = self.vision[entry]
         if vision.features is None:
@@ -102,8 +108,8 @@ class IllavaTrace:
         slot_of_patch = vision.source_map().flatten(1)
         feature = vision.features.gather(1, slot_of_patch)
         positions = torch.where(feature >= 0, first[:, None] + feature, -1)
-        if self.language and self.language[-1].representatives is not None:
-            representatives = self.language[-1].representatives.cpu()[samples]
+        if self.language and self.language[layer].representatives is not None:
+            representatives = self.language[layer].representatives.cpu()[samples]
             positions = torch.where(positions >= 0, representatives.gather(1, positions.clamp(min=0)), -1)
         elif self.language:
             raise RuntimeError("LLM sources were not recorded; apply illava with illava_track_llm_source=True")

@@ -151,6 +151,7 @@ class EncoderMerger:
                     tokens_per_group=[int(step[segment]) for step in run.counts],
                     positions=run.positions[segment : segment + 1, :final],
                     sources=None if run.sources is None else run.sources[segment : segment + 1, : rows * cols],
+                    source_history=[step[segment : segment + 1, : rows * cols] for step in run.source_history],
                     groups_per_item=[1],
                 )
             )

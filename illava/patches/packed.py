@@ -30,6 +30,7 @@ class PackedRun:
     positions: torch.Tensor  # [S, Umax] original unit index of each surviving unit, -1 padding
     sources: torch.Tensor | None  # [S, U0max] current unit index each original unit went into (0 in padding)
     counts: list[torch.Tensor]  # [S] units per segment, before the first merge and after each one
+    source_history: list[torch.Tensor] = dataclasses.field(default_factory=list)  # `sources` after each merge
     sliced: dict | None = None  # block arguments re-sliced for the current survivors
     rotary: tuple[torch.Tensor, ...] | None = None  # the encoder's per-token rotary tables, before any merge
     # [N] attention-window id of each current token, for encoders that alternate windowed and full attention
@@ -105,6 +106,8 @@ def merge_packed(
         )
     if int(removed.max()) == 0:
         run.counts.append(units)
+        if run.sources is not None:
+            run.source_history.append(run.sources)
         return hidden
     plan = merge.plan_merge(unit_scores, removed, valid=unit_valid)
     merged_units = merge.apply_merge(padded_hidden.view(segments, longest // unit, unit * dim), plan)
@@ -119,6 +122,7 @@ def merge_packed(
     run.positions = _compact_rows(run.positions, plan.keep)
     if run.sources is not None:
         run.sources = merge.update_sources(run.sources, plan)
+        run.source_history.append(run.sources)
     run.counts.append(units - removed)
     run.sliced = None
     return survivors

@@ -142,7 +142,7 @@ class PackedVision:
         for count in self.grid_thw[:, 0].tolist():
             rows, cols = (int(v) for v in run.unit_grids[first])
             final = int(run.counts[-1][first])
-            positions, sources = [], []
+            positions, sources, history = [], [], [[] for _ in run.source_history]
             for segment in range(first, first + count):
                 offset = int(run.counts[0][:segment].sum())
                 # permuted unit -> raster unit within the segment (identity without attention windows)
@@ -156,6 +156,10 @@ class PackedVision:
                     by_raster = torch.empty_like(raster)
                     by_raster[raster] = rank[run.sources[segment, : rows * cols]]
                     sources.append(by_raster)
+                    for step, raw in zip(history, run.source_history):
+                        partition = torch.empty_like(raster)
+                        partition[raster] = raw[segment, : rows * cols]
+                        step.append(partition)
             local = torch.arange(count)[:, None] * final + torch.arange(final)
             self.state.trace.vision.append(
                 VisionTrace(
@@ -165,6 +169,7 @@ class PackedVision:
                     tokens_per_group=[int(step[first]) for step in run.counts],
                     positions=torch.stack(positions),
                     sources=torch.stack(sources) if sources else None,
+                    source_history=[torch.stack(step) for step in history if step],
                     groups_per_item=[count],
                     features=local,
                     window=self.visual.spatial_merge_size,

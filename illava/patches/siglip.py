@@ -69,12 +69,15 @@ def _merge_step(state: IllavaState, slot: dict, layer, hidden_states, attention_
     r = state.config.vit_tokens_removed(tokens)
     if r == 0:
         entry.tokens_per_group.append(tokens)
+        if entry.sources is not None:
+            entry.source_history.append(entry.sources)
         return hidden_states
     scores = merge.attention_received(query, key, layer.self_attn.scale)
     hidden_states, plan = merge.merge_tokens(hidden_states, scores, r)
     entry.positions = merge.update_positions(entry.positions, plan)
     if entry.sources is not None:
         entry.sources = merge.update_sources(entry.sources, plan)
+        entry.source_history.append(entry.sources)
     entry.tokens_per_group.append(tokens - r)
     return hidden_states
 

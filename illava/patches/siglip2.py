@@ -45,6 +45,7 @@ class NaflexMerger:
         self.positions: torch.Tensor | None = None  # [B, L] original raster index of each token, -1 padding
         self.sources: torch.Tensor | None = None
         self.counts: list[torch.Tensor] = []
+        self.source_history: list[torch.Tensor] = []
         self.spatial_shapes: torch.Tensor | None = None
         self.mask_for_layers = None
         self.merged = False  # whether this call has shortened the sequence yet
@@ -69,6 +70,7 @@ class NaflexMerger:
         self.positions = torch.where(self.valid, torch.arange(self.valid.shape[1], device=self.valid.device), -1)
         self.sources = self.positions.clamp(min=0) if self.config.illava_track_vit_source else None
         self.counts = [self.valid.sum(dim=1)]
+        self.source_history = []
         self.mask_for_layers = None
         self.merged = False
         self.state.trace.clear()
@@ -87,6 +89,8 @@ class NaflexMerger:
             )
         if int(removed.max()) == 0:
             self.counts.append(counts)
+            if self.sources is not None:
+                self.source_history.append(self.sources)
             return hidden_states
         scores = merge.attention_received(query, key, layer.self_attn.scale, valid=self.valid)
         plan = merge.plan_merge(scores, removed, valid=self.valid)
@@ -101,6 +105,7 @@ class NaflexMerger:
         positions[rows, new_slot] = self.positions[rows, old_slot]
         if self.sources is not None:
             self.sources = merge.update_sources(self.sources, plan)
+            self.source_history.append(self.sources)
         self.positions = positions
         self.valid = positions >= 0
         self.counts.append(kept)
@@ -133,6 +138,7 @@ class NaflexMerger:
                     tokens_per_group=[int(step[image]) for step in self.counts],
                     positions=self.positions[image : image + 1, :final],
                     sources=None if self.sources is None else self.sources[image : image + 1, : height * width],
+                    source_history=[step[image : image + 1, : height * width] for step in self.source_history],
                     groups_per_item=[1],
                 )
             )
