@@ -1,0 +1,135 @@
+"""run_inference_once.py / illava.cli end to end on tiny checkpoints saved to disk, and heatmap content."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from illava import cli
+from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
+from illava.visualize import group_colors, overlay_groups
+
+from .conftest import random_image
+
+ROOT = Path(__file__).resolve().parents[1]
+MERGING = [
+    "--enable_illava_vit", "True", "--illava_vit_k", "1-2",
+    "--enable_illava_llm", "True", "--illava_llm_k", "2", "--illava_llm_r", "0.5",
+    "--illava_track_vit_source", "True", "--illava_track_llm_source", "True",
+    "--max_new_tokens", "3",
+]
+
+
+def write_video(path: Path, frames: int = 6) -> Path:
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        rng = np.random.default_rng(0)
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    for name, (model, processor) in {
+        "ov": tiny_llava_onevision(image_size=56, vision_layers=4, text_layers=4),
+        "qwen": tiny_qwen2_vl(vision_depth=4, text_layers=4),
+    }.items():
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    random_image(60, 90).save(root / "image.png")
+    (root / "folder").mkdir()
+    for index in range(3):
+        random_image(50 + 10 * index, 80, seed=index).save(root / "folder" / f"{index}.jpg")
+    (root / "empty").mkdir()
+    write_video(root / "clip.mp4")
+    (root / "broken.mp4").write_bytes(b"not a video at all")
+    return root
+
+
+@pytest.mark.parametrize("model_name", ["ov", "qwen"])
+@pytest.mark.parametrize("input_name, kind", [("image.png", "image"), ("folder", "images"), ("clip.mp4", "video")])
+def test_end_to_end(workspace, capsys, model_name, input_name, kind):
+    output_dir = workspace / f"out-{model_name}-{kind}"
+    status = cli.main([
+        "--model_path", str(workspace / model_name), "--input_path", str(workspace / input_name),
+        "--question", "What-is-in_the-picture?", "--output_dir", str(output_dir), "--compare",
+        "--max_frames_num", "4", *MERGING, "--illava_vit_r", {"ov": "3", "qwen": "1"}[model_name],
+    ])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert f"({kind})" in printed and "question: What is in the picture?" in printed
+    assert "[baseline] answer:" in printed and "[illava] answer:" in printed
+    assert "ViT " in printed and "LLM layer 2" in printed and "prefill" in printed and "peak memory" in printed
+    files = sorted(path.name for path in output_dir.iterdir())
+    assert any(name.startswith("attention_map_vit_layer_") for name in files)
+    assert any(name.startswith("attention_map_llm_layer_") for name in files)
+
+
+def test_wrapper_script_runs(workspace):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run_inference_once.py"), "--model_path", str(workspace / "ov"),
+         "--input_path", str(workspace / "image.png"), "--enable_illava_vit", "False", "--max_new_tokens", "2"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[illava] answer:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--input_path", "{root}/missing.png"], "does not exist"),
+        (["--input_path", "{root}/empty"], "folder without images"),
+        (["--input_path", "{root}/broken.mp4"], "cannot decode video"),
+        (["--input_path", "{root}/image.png", "--illava_vit_r", "1.0"], "illava_vit_r=1.0"),
+        (["--input_path", "{root}/image.png", "--enable_illava_vit", "sure"], "enable_illava_vit='sure'"),
+        (["--input_path", "{root}/image.png", "--enable_illava_vit", "True", "--illava_vit_k", "1-9"],
+         r"\[9\] beyond the vision encoder's 4 layers"),
+        (["--input_path", "{root}/image.png", "--max_frames_num", "0"], "max_frames_num 0"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(workspace, capsys, arguments, message):
+    arguments = [argument.format(root=workspace) for argument in arguments]
+    status = cli.main(["--model_path", str(workspace / "ov"), *arguments])
+    assert status == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+
+
+def test_unknown_flag_exits_nonzero(workspace):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--input_path", str(workspace / "image.png"), "--illava_vit_rr", "3"])
+    assert exit_info.value.code != 0
+
+
+def test_question_words_joined_by_dashes_or_underscores():
+    assert cli.question_text("What-is_this?") == "What is this?"
+    assert cli.question_text("Is it a well-known place?") == "Is it a well-known place?"
+
+
+def test_heatmap_colours_follow_the_merge_groups():
+    groups = np.array([[0, 0, 1], [2, 1, 1], [-1, 2, 2]])
+    image = np.full((30, 30, 3), 128, dtype=np.uint8)
+    rendered = overlay_groups(image, groups).astype(int)
+    cells = {}
+    for row in range(3):
+        for col in range(3):
+            cell = rendered[row * 10 + 3 : row * 10 + 7, col * 10 + 3 : col * 10 + 7]  # inside, away from borders
+            assert (cell == cell[0, 0]).all()  # one colour per patch
+            cells.setdefault(int(groups[row, col]), set()).add(tuple(cell[0, 0]))
+    assert all(len(colours) == 1 for colours in cells.values())  # every patch of a group has the same colour
+    assert len({next(iter(colours)) for colours in cells.values()}) == len(cells)  # different groups differ
+    # borders are drawn only between different groups
+    assert (rendered[5, 20] < rendered[5, 25]).all()  # the first column of group 1's patch, next to group 0
+    assert (rendered[5, 0:20] == rendered[5, 5]).all()  # no border inside group 0's two patches
+    assert len({tuple(np.round(color, 3)) for color in group_colors(np.arange(200))}) == 200
