@@ -1,74 +1,117 @@
-"""A self-contained demo: build a small random-weight LLaVA-OneVision with the real SigLIP token geometry
-(384 px, patch 14, 27x27 tokens per crop), run one image and one video through it with and without iLLaVA,
-and print the visual tokens before and after each merge layer and what the language model receives.
+"""A small local web demo: an image, several images or a video and a question in; the answer, the token counts
+of both stages and the merge-source heatmaps out.
 
-    python -m illava.demo                          # the paper's image setting: k=5-6-7-8, r=92
-    python -m illava.demo --vit-k 2-3-4-5-6-7-8 --vit-r 80 --image photo.jpg
+    pip install 'illava[demo]'
+    python -m illava.demo                        # the built-in default model, http://127.0.0.1:7860
+    python -m illava.demo --model_path CHECKPOINT --host 0.0.0.0 --port 8000
+
+It binds to 127.0.0.1 unless `--host` says otherwise and never opens a public share link unless `--share`.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import tempfile
+from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-import illava
-from illava.tiny_models import tiny_llava_onevision
-
-
-def _synthetic_image(height: int, width: int) -> Image.Image:
-    rows, cols = np.mgrid[0:height, 0:width]
-    pixels = np.stack([rows * 255 // height, cols * 255 // width, (rows + cols) % 256], axis=-1)
-    return Image.fromarray(pixels.astype(np.uint8))
+from .cli import CliError, Visual, infer, load_model, load_video, question_text
+from .config import IllavaConfig
 
 
-def _run(model, processor, inputs_fn):
-    inputs = inputs_fn(processor)
-    start = time.perf_counter()
-    with torch.no_grad():
-        model(**inputs)
-    return inputs, time.perf_counter() - start
+class DemoSession:
+    """Holds the loaded model; `handle` is what the page calls (and what tests call without a browser)."""
+
+    def __init__(self, model, processor, description: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.model, self.processor, self.description = model, processor, description
+        self.device, self.dtype = device, dtype
+        self.output_root = Path(tempfile.mkdtemp(prefix="illava-demo-"))
+        self.calls = 0
+
+    def handle(self, image_paths: list[str] | None, video_path: str | None, question: str, vit_k: str, vit_r: str,
+               llm_k: str, llm_r: str, enable_vit: bool, enable_llm: bool, max_frames: int = 16,
+               max_new_tokens: int = 32) -> tuple[str, str, list[str]]:
+        """Returns (answer, a markdown report, heatmap image paths); bad input becomes a readable message."""
+        try:
+            visual = self._visual(image_paths, video_path, max_frames)
+            config = IllavaConfig(
+                enable_illava_vit=enable_vit, illava_vit_k=vit_k, illava_vit_r=vit_r,
+                enable_illava_llm=enable_llm, illava_llm_k=llm_k, illava_llm_r=llm_r,
+                illava_track_vit_source=True, illava_track_llm_source=True,
+            )
+            self.calls += 1
+            results, heatmaps = infer(
+                self.model, self.processor, visual, question_text(question or "Describe the image."), config,
+                device=self.device, dtype=self.dtype, max_new_tokens=max_new_tokens, compare=True,
+                output_dir=self.output_root / f"call-{self.calls}",
+            )
+        except (CliError, ValueError) as error:
+            return "", f"**Error:** {error}", []
+        merged, baseline = results["illava"], results["baseline"]
+        lines = [f"Model: {self.description}", "", *[f"- {line}" for line in merged.report], "",
+                 f"- prompt tokens: {merged.prompt_tokens} with iLLaVA, {baseline.prompt_tokens} without",
+                 f"- baseline answer: {baseline.answer}"]
+        return merged.answer, "\n".join(lines), [str(path) for path in heatmaps]
+
+    @staticmethod
+    def _visual(image_paths, video_path, max_frames: int) -> Visual:
+        from PIL import Image
+
+        if video_path:
+            return Visual("video", [load_video(Path(video_path), max_frames)])
+        if not image_paths:
+            raise CliError("give an image, several images, or a video")
+        images = [Image.open(path).convert("RGB") for path in image_paths]
+        return Visual("image" if len(images) == 1 else "images", images)
+
+
+def build_app(session: DemoSession):
+    try:
+        import gradio as gr
+    except ImportError:
+        raise SystemExit("the demo page needs gradio: pip install 'illava[demo]'") from None
+    defaults = IllavaConfig()
+    with gr.Blocks(title="illava demo") as app:
+        gr.Markdown(f"# illava: iLLaVA token merging\n{session.description}")
+        with gr.Row():
+            with gr.Column():
+                images = gr.File(label="image(s)", file_count="multiple", file_types=["image"], type="filepath")
+                video = gr.Video(label="or a video")
+                question = gr.Textbox(label="question", value="Describe the image.")
+                with gr.Row():
+                    enable_vit = gr.Checkbox(label="ViT stage", value=True)
+                    vit_k = gr.Textbox(label="illava_vit_k", value="-".join(map(str, defaults.illava_vit_k)))
+                    vit_r = gr.Textbox(label="illava_vit_r", value=str(defaults.illava_vit_r))
+                with gr.Row():
+                    enable_llm = gr.Checkbox(label="LLM stage", value=True)
+                    llm_k = gr.Textbox(label="illava_llm_k", value="-".join(map(str, defaults.illava_llm_k)))
+                    llm_r = gr.Textbox(label="illava_llm_r", value=str(defaults.illava_llm_r))
+                run = gr.Button("Answer")
+            with gr.Column():
+                answer = gr.Textbox(label="answer")
+                report = gr.Markdown()
+                heatmaps = gr.Gallery(label="merge sources per layer")
+        run.click(session.handle, [images, video, question, vit_k, vit_r, llm_k, llm_r, enable_vit, enable_llm],
+                  [answer, report, heatmaps])
+    return app
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", help="an image file (default: a synthetic 480x640 gradient)")
-    parser.add_argument("--vit-k", default="5-6-7-8")
-    parser.add_argument("--vit-r", default="92")
-    parser.add_argument("--frames", type=int, default=4, help="frames of the synthetic video")
+    parser.add_argument("--model_path", help="a checkpoint folder (default: the built-in default model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="ask gradio for a public share link")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--attn_implementation", default="sdpa")
     args = parser.parse_args(argv)
-
-    model, processor = tiny_llava_onevision(image_size=384, vision_layers=9, text_layers=2)
-    image = Image.open(args.image).convert("RGB") if args.image else _synthetic_image(480, 640)
-    video = np.stack([np.asarray(_synthetic_image(384, 384).rotate(10 * i)) for i in range(args.frames)])
-
-    def image_inputs(proc):
-        return proc(images=[[image]], text="<image>Describe the image.", return_tensors="pt")
-
-    def video_inputs(proc):
-        return proc(videos=video, text="<video>What happens?", return_tensors="pt")
-
-    config = illava.IllavaConfig(enable_illava_vit=True, illava_vit_k=args.vit_k, illava_vit_r=args.vit_r)
-    image_token, video_token = model.config.image_token_id, model.config.video_token_id
-    print(f"model: LLaVA-OneVision, SigLIP {model.config.vision_config.num_hidden_layers} layers, 27x27 tokens/crop")
-    print(f"image {image.size[0]}x{image.size[1]}, video {args.frames} frames; illava_vit_k={args.vit_k} illava_vit_r={args.vit_r}")
-    for label, enabled in (("baseline", False), ("iLLaVA", True)):
-        if enabled:
-            illava.apply(model, config, processor=processor)
-        for kind, inputs_fn, token in (("image", image_inputs, image_token), ("video", video_inputs, video_token)):
-            inputs, seconds = _run(model, processor, inputs_fn)
-            llm_tokens = int((inputs["input_ids"] == token).sum())
-            line = f"  {label:8s} {kind}: LLM receives {llm_tokens:5d} {kind} tokens, sequence {inputs['input_ids'].shape[1]:5d}"
-            if enabled:
-                entry = illava.last_trace(model).vision[0]
-                steps = " -> ".join(str(count) for count in entry.tokens_per_group)
-                line += f"; per {'crop' if kind == 'image' else 'frame'} x{entry.num_groups}: {steps} (layers {'-'.join(map(str, entry.merge_layers))})"
-            print(line + f"  [{seconds * 1000:.0f} ms]")
-    illava.remove(model)
+    model, processor, description = load_model(args)
+    session = DemoSession(model, processor, description, args.device, getattr(torch, args.dtype))
+    build_app(session).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
 if __name__ == "__main__":
     main()
+

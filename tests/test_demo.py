@@ -1,0 +1,43 @@
+"""The demo's handler on a tiny model, without a browser."""
+
+from pathlib import Path
+
+import pytest
+
+from illava.demo import DemoSession
+from illava.tiny_models import tiny_llava_onevision
+
+from .conftest import random_image
+
+
+@pytest.fixture(scope="module")
+def session():
+    model, processor = tiny_llava_onevision(image_size=56, vision_layers=4, text_layers=4)
+    return DemoSession(model, processor, "tiny random LLaVA-OneVision")
+
+
+def test_handler_answers_with_report_and_heatmaps(session, tmp_path):
+    paths = []
+    for index in range(2):
+        random_image(60, 80, seed=index).save(tmp_path / f"{index}.png")
+        paths.append(str(tmp_path / f"{index}.png"))
+    answer, report, heatmaps = session.handle(paths, None, "What-is-this?", "1-2", "3", "2", "0.5", True, True,
+                                              max_new_tokens=3)
+    assert isinstance(answer, str)
+    assert "ViT image: 2 x crop/frame, tokens 16 -> 13 -> 10" in report and "LLM layer 2" in report
+    assert heatmaps and all(Path(path).exists() for path in heatmaps)
+    assert any("attention_map_llm_layer_" in path for path in heatmaps)
+
+
+def test_handler_reports_bad_input(session):
+    answer, report, heatmaps = session.handle(None, None, "hi", "1-2", "3", "2", "0.5", True, True)
+    assert answer == "" and "give an image" in report and heatmaps == []
+    answer, report, _ = session.handle(None, None, "hi", "1-9", "3", "2", "0.5", True, True)
+    assert "Error" in report
+
+
+def test_page_builds_when_gradio_is_installed(session):
+    pytest.importorskip("gradio")
+    from illava.demo import build_app
+
+    assert build_app(session) is not None
