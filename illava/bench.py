@@ -1,0 +1,511 @@
+"""Efficiency benchmark: visual tokens, analytic FLOPs, vision / prefill / decode time, throughput and peak memory of
+baseline vs iLLaVA settings, measured side by side in one process (interleaved, with warm-up and repeats).
+
+    python -m illava.bench --geometry llava-ov-7b-cpu            # reduced width, runs on a CPU in minutes
+    python -m illava.bench --geometry llava-ov-7b --device cuda --dtype bfloat16 --attn sdpa
+    python -m illava.bench --geometry llava-ov-7b-cpu --video-frames 8,16,32 --memory-budget-gib 4
+
+Random weights of the real shapes (or a checkpoint with `--model_path`): timings and memory are real, answers are
+not. Each merged figure is given as a ratio to the baseline and as a fraction of the FLOPs-predicted speed-up, the
+limit merging could reach if time followed FLOPs. The share of prefill spent scoring and merging is reported too.
+Writes JSON, a markdown table and plots to `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import api, merge
+from .config import IllavaConfig
+from .measure import PeakMemory
+from .patches import packed, qwen2
+
+logger = logging.getLogger(__name__)
+
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16)
+QWEN2_VIT = dict(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4)
+QWEN2_TEXT = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4),
+}
+# name: (family, vision shape, text shape, width divisor for a CPU-sized version)
+GEOMETRIES = {
+    "llava-ov-0.5b": ("llava_onevision", SIGLIP_SO400M, QWEN2_TEXT["0.5b"], 1),
+    "llava-ov-7b": ("llava_onevision", SIGLIP_SO400M, QWEN2_TEXT["7b"], 1),
+    "llava-ov-7b-cpu": ("llava_onevision", SIGLIP_SO400M, QWEN2_TEXT["7b"], 8),
+    "qwen2-vl-2b": ("qwen2_vl", QWEN2_VIT, QWEN2_TEXT["1.5b"], 1),
+    "qwen2-vl-7b": ("qwen2_vl", QWEN2_VIT, QWEN2_TEXT["7b"], 1),
+    "qwen2-vl-7b-cpu": ("qwen2_vl", QWEN2_VIT, QWEN2_TEXT["7b"], 8),
+}
+SETTINGS = {
+    "llava_onevision": {
+        "baseline": {},
+        "vit 5-6-7-8 r92": dict(enable_illava_vit=True, illava_vit_k="5-6-7-8", illava_vit_r=92),
+        "llm 8 keep .70": dict(enable_illava_llm=True, illava_llm_k="8", illava_llm_r=0.70),
+        "both (paper)": dict(enable_illava_vit=True, illava_vit_k="5-6-7-8", illava_vit_r=92,
+                             enable_illava_llm=True, illava_llm_k="8", illava_llm_r=0.70),
+    },
+    "qwen2_vl": {
+        "baseline": {},
+        "vit 12-15 r.16": dict(enable_illava_vit=True, illava_vit_k="12-13-14-15", illava_vit_r=0.16),
+        "llm 6-8 keep .90": dict(enable_illava_llm=True, illava_llm_k="6-7-8", illava_llm_r=0.90),
+        "both (VLMEvalKit)": dict(enable_illava_vit=True, illava_vit_k="12-13-14-15", illava_vit_r=0.16,
+                                  enable_illava_llm=True, illava_llm_k="6-7-8", illava_llm_r=0.90),
+    },
+}
+VIDEO_SETTINGS = {
+    "baseline": {},
+    "video (paper)": dict(enable_illava_vit=True, illava_vit_k="3-4-5-6", illava_vit_r=92,
+                          enable_illava_llm=True, illava_llm_k="2", illava_llm_r=0.70),
+}
+
+
+def _scaled(shape: dict, divisor: int) -> dict:
+    """Divide head counts and MLP width (not depth, not head_dim), keeping the key/value heads dividing the
+    query heads; the width follows as heads x head_dim."""
+    if divisor == 1:
+        return dict(shape)
+    scaled = dict(shape)
+    width_key = "embed_dim" if "embed_dim" in shape else "hidden_size"
+    heads_key = "num_heads" if "num_heads" in shape else "num_attention_heads"
+    head_dim = shape[width_key] // shape[heads_key]
+    scaled[heads_key] = max(1, shape[heads_key] // divisor)
+    scaled[width_key] = scaled[heads_key] * head_dim
+    if "num_key_value_heads" in shape:
+        scaled["num_key_value_heads"] = 1
+    if "intermediate_size" in shape:
+        scaled["intermediate_size"] = max(1, shape["intermediate_size"] // divisor)
+    return scaled
+
+
+def build_model(geometry: str, device: str, dtype: torch.dtype, attn: str):
+    """A random-weight model of a named geometry and its (offline, byte-level) processor."""
+    import transformers
+
+    from .tiny_models import SPECIAL_TOKENS, byte_level_tokenizer, tiny_llava_onevision, tiny_qwen2_vl
+
+    family, vision, text, divisor = GEOMETRIES[geometry]
+    vision, text = _scaled(vision, divisor), _scaled(text, divisor)
+    tokenizer = byte_level_tokenizer()
+    text = dict(text, vocab_size=len(tokenizer), max_position_embeddings=32768)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    if family == "llava_onevision":
+        _, processor = tiny_llava_onevision(image_size=384, vision_layers=1, text_layers=1)
+        config = transformers.LlavaOnevisionConfig(
+            vision_config=dict(model_type="siglip_vision_model", image_size=384, patch_size=14,
+                               vision_use_head=False, **vision),
+            text_config=dict(model_type="qwen2", **text),
+            image_token_index=ids["<image>"], video_token_index=ids["<video>"],
+            image_grid_pinpoints=processor.image_processor.image_grid_pinpoints,
+            vision_feature_layer=-1, vision_feature_select_strategy="full",
+        )
+        model_class = transformers.LlavaOnevisionForConditionalGeneration
+    else:
+        _, processor = tiny_qwen2_vl(vision_depth=1, text_layers=1, max_pixels=16384 * 28 * 28)
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
+        section[0] += head_dim // 2 - sum(section)
+        config = transformers.Qwen2VLConfig(
+            vision_config=dict(hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2,
+                               temporal_patch_size=2, **vision),
+            text_config=dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+                             **text),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        )
+        model_class = transformers.Qwen2VLForConditionalGeneration
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class(config)
+    model = model.to(dtype).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = None  # always decode the requested number of tokens
+    return model, processor, family
+
+
+# -- analytic FLOPs ------------------------------------------------------------------------------------------
+
+
+def vit_layer_flops(tokens_per_group: int, groups: int, width: int, mlp: int) -> float:
+    """Multiply-adds x 2 of one pre-LN ViT layer: qkv + out projections, attention scores and mix, 2-matmul MLP."""
+    n = tokens_per_group
+    return 2.0 * groups * (n * (4 * width * width + 2 * width * mlp) + 2 * n * n * width)
+
+
+def llm_prefill_flops(tokens: int, width: int, mlp: int, kv_width: int, context: int | None = None) -> float:
+    """One Qwen2 decoder layer over `tokens` queries attending to `context` keys (default: causal self, L(L+1)/2):
+    q and o (width^2), k and v (width x kv_width), SwiGLU MLP (3 matmuls), scores and mix."""
+    pairs = tokens * (tokens + 1) / 2 if context is None else tokens * context
+    return 2.0 * (tokens * (2 * width * width + 2 * width * kv_width + 3 * width * mlp) + 2 * pairs * width)
+
+
+def prefill_flops(model, config: IllavaConfig, vit_counts: list[int], vit_groups: int, prompt_tokens: int,
+                  llm_counts: list[int]) -> dict[str, float]:
+    """Vision and LLM prefill FLOPs for a run whose token counts the trace recorded.
+
+    `vit_counts`: tokens per group before the first ViT merge layer and after each; `llm_counts`: sequence length
+    before the first LLM merge layer and after each.
+    """
+    vision = model.config.vision_config
+    text = model.config.text_config
+    vision_width = getattr(vision, "embed_dim", None) or vision.hidden_size
+    vision_mlp = getattr(vision, "intermediate_size", None) or int(vision_width * vision.mlp_ratio)
+    vision_layers = getattr(vision, "num_hidden_layers", None) or vision.depth
+    kv_width = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    vit_merge = config.illava_vit_k if config.enable_illava_vit else ()
+    llm_merge = config.illava_llm_k if config.enable_illava_llm else ()
+    vision_flops = 0.0
+    for layer in range(vision_layers):
+        vision_flops += vit_layer_flops(vit_counts[sum(k < layer for k in vit_merge)], vit_groups, vision_width,
+                                        vision_mlp)
+    llm_flops = 0.0
+    for layer in range(text.num_hidden_layers):
+        llm_flops += llm_prefill_flops(llm_counts[sum(k <= layer for k in llm_merge)], text.hidden_size,
+                                       text.intermediate_size, kv_width)
+    return {"vision": vision_flops, "llm_prefill": llm_flops, "total": vision_flops + llm_flops}
+
+
+# -- measurement ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def merge_time(device: str):
+    """Time spent scoring and merging (both stages), summed, while the block runs."""
+    spent = {"seconds": 0.0}
+    targets = [(merge, "attention_received"), (merge, "last_query_attention"), (merge, "plan_merge"),
+               (merge, "apply_merge"), (packed, "merge_packed"), (qwen2, "_compact")]
+    originals = [(module, name, getattr(module, name)) for module, name in targets]
+    depth = {"level": 0}
+
+    def timed(function):
+        def wrapper(*args, **kwargs):
+            depth["level"] += 1
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                depth["level"] -= 1
+                if depth["level"] == 0:  # nested calls count once
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    spent["seconds"] += time.perf_counter() - start
+
+        return wrapper
+
+    for module, name, function in originals:
+        setattr(module, name, timed(function))
+    try:
+        yield spent
+    finally:
+        for module, name, function in originals:
+            setattr(module, name, function)
+
+
+@dataclasses.dataclass
+class Measurement:
+    setting: str
+    batch: int
+    visual_tokens: dict
+    flops: dict
+    vision_s: float
+    prefill_s: float
+    decode_tokens_per_s: float
+    end_to_end_s: float
+    merge_s: float
+    peak_bytes: int
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_once(model, processor, family, build_inputs, config: IllavaConfig | None, batch: int, new_tokens: int,
+                 device: str) -> Measurement:
+    """One timed generate(): vision encoder (hooks), prefill (first forward), decode (the rest)."""
+    if config is not None:
+        api.apply(model, config, processor=processor)
+    try:
+        inputs = build_inputs(batch)
+        spans = {"vision": [], "forward": []}
+        started = {}
+
+        def timer(name):
+            def start(module, *unused):
+                _synchronize(device)
+                started[name] = time.perf_counter()
+
+            def stop(module, *unused):
+                _synchronize(device)
+                spans[name].append((started[name], time.perf_counter()))
+
+            return start, stop
+
+        tower = getattr(model.model, "vision_tower", None) or model.model.visual
+        handles = []
+        for module, name in ((tower, "vision"), (model, "forward")):
+            start, stop = timer(name)
+            handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+        try:
+            with torch.no_grad(), PeakMemory(device) as peak, merge_time(device) as merging:
+                _synchronize(device)
+                begin = time.perf_counter()
+                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                _synchronize(device)
+                end_to_end = time.perf_counter() - begin
+        finally:
+            for handle in handles:
+                handle.remove()
+        trace = api.last_trace(model) if config is not None else None
+        visual = _visual_tokens(model, inputs, trace)
+        flops = prefill_flops(
+            model, config or IllavaConfig(), visual["vit_per_group"], visual["vit_groups"],
+            int(inputs["input_ids"].shape[1]), visual["llm_sequence"],
+        )
+    finally:
+        if config is not None:
+            api.remove(model)
+    vision = sum(b - a for a, b in spans["vision"])
+    prefill = spans["forward"][0][1] - spans["forward"][0][0]
+    decode = sum(b - a for a, b in spans["forward"][1:])
+    return Measurement(
+        setting="", batch=batch, visual_tokens=visual, flops=flops, vision_s=vision, prefill_s=prefill,
+        decode_tokens_per_s=batch * (new_tokens - 1) / decode if decode else float("nan"),
+        end_to_end_s=end_to_end, merge_s=merging["seconds"], peak_bytes=peak.bytes,
+    )
+
+
+def _visual_tokens(model, inputs, trace) -> dict:
+    ids = inputs["input_ids"]
+    visual = int(((ids == model.config.image_token_id) | (ids == model.config.video_token_id)).sum())
+    result = {"llm_visual_input": visual, "llm_sequence": [int(ids.shape[1])]}
+    if trace is not None and trace.vision:
+        first = trace.vision[0]
+        tokens_per_unit = first.window**2  # Qwen2-VL counts 2x2 windows
+        result.update(vit_per_group=[count * tokens_per_unit for count in first.tokens_per_group],
+                      vit_groups=sum(entry.num_groups for entry in trace.vision))
+        for language in trace.language:
+            result["llm_sequence"].append(int((language.positions[0] >= 0).sum()))
+    else:
+        groups, per_group = _unmerged_vision_groups(model, inputs)
+        result.update(vit_per_group=[per_group], vit_groups=groups)
+    return result
+
+
+def _unmerged_vision_groups(model, inputs) -> tuple[int, int]:
+    if model.config.model_type == "llava_onevision":
+        vision = model.config.vision_config
+        per_group = (vision.image_size // vision.patch_size) ** 2
+        if "pixel_values_videos" in inputs:
+            return int(inputs["pixel_values_videos"].shape[:2].numel()), per_group
+        crops = sum(int(n) for n in _llava_crops(model, inputs))
+        return crops, per_group
+    grid = inputs.get("image_grid_thw", inputs.get("video_grid_thw"))
+    per_slice = grid[:, 1] * grid[:, 2]
+    return int(grid[:, 0].sum()), int(per_slice.float().mean())
+
+
+def _llava_crops(model, inputs) -> list[int]:
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    return [
+        image_size_to_num_patches(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+        for size in inputs["image_sizes"]
+    ]
+
+
+def _inputs_builder(model, processor, family: str, image_size: int, frames: int | None, device: str, dtype):
+    rng = np.random.default_rng(0)
+    if frames:
+        video = rng.integers(0, 256, (frames, 384, 384, 3), dtype=np.uint8)
+    else:
+        from PIL import Image
+
+        image = Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))
+    placeholder = {
+        ("llava_onevision", False): "<image>", ("llava_onevision", True): "<video>",
+        ("qwen2_vl", False): "<|vision_start|><|image_pad|><|vision_end|>",
+        ("qwen2_vl", True): "<|vision_start|><|video_pad|><|vision_end|>",
+    }[(family, bool(frames))]
+
+    def build(batch: int):
+        text = [placeholder + "Describe this in detail."] * batch
+        if frames:
+            media = {"videos": [video] * batch}
+        else:
+            media = {"images": [[image]] * batch if family == "llava_onevision" else [image] * batch}
+        inputs = processor(text=text, return_tensors="pt", padding=True, **media).to(device)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(dtype)
+        return inputs
+
+    return build
+
+
+def run_suite(model, processor, family, settings: dict, build_inputs, batches, repeats: int, new_tokens: int,
+              device: str) -> list[dict]:
+    """Medians over `repeats` rounds; within a round every setting runs once, in turn (interleaved)."""
+    configs = {name: IllavaConfig(**options) if options else None for name, options in settings.items()}
+    rows = []
+    for batch in batches:
+        for name, config in configs.items():  # warm-up
+            measure_once(model, processor, family, build_inputs, config, batch, new_tokens, device)
+        samples = {name: [] for name in configs}
+        for _ in range(repeats):
+            for name, config in configs.items():
+                samples[name].append(measure_once(model, processor, family, build_inputs, config, batch,
+                                                  new_tokens, device))
+        base = None
+        for name in configs:
+            row = _median_row(name, samples[name])
+            base = base or row
+            row["ratio_prefill"] = (base["vision_s"] + base["prefill_s"]) / (row["vision_s"] + row["prefill_s"])
+            row["ratio_end_to_end"] = base["end_to_end_s"] / row["end_to_end_s"]
+            row["flops_predicted_speedup"] = base["flops"]["total"] / row["flops"]["total"]
+            row["fraction_of_flops_limit"] = (row["ratio_prefill"] - 1) / max(row["flops_predicted_speedup"] - 1, 1e-9) \
+                if name != "baseline" else 1.0
+            row["ratio_peak_memory"] = row["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
+            row["merge_share_of_prefill"] = row["merge_s"] / (row["vision_s"] + row["prefill_s"])
+            rows.append(row)
+            logger.info("batch %d %s: %s", batch, name, row)
+    return rows
+
+
+def _median_row(name: str, measurements: list[Measurement]) -> dict:
+    first = measurements[0]
+    row = {"setting": name, "batch": first.batch, "visual_tokens": first.visual_tokens, "flops": first.flops}
+    for field in ("vision_s", "prefill_s", "decode_tokens_per_s", "end_to_end_s", "merge_s", "peak_bytes"):
+        row[field] = statistics.median(getattr(m, field) for m in measurements)
+    row["samples_per_s"] = row["batch"] / row["end_to_end_s"]
+    return row
+
+
+def video_sweep(model, processor, frame_counts, budget_bytes: int | None, repeats: int, device: str, dtype) -> list[dict]:
+    """Prefill time and peak memory per frame count, baseline vs the paper's video setting."""
+    rows = []
+    for frames in frame_counts:
+        build = _inputs_builder(model, processor, "llava_onevision", 0, frames, device, dtype)
+        try:
+            rows += run_suite(model, processor, "llava_onevision", VIDEO_SETTINGS, build, [1], repeats, 2, device)
+        except torch.cuda.OutOfMemoryError if device == "cuda" else MemoryError:
+            logger.warning("out of memory at %d frames", frames)
+            break
+        for row in rows[-len(VIDEO_SETTINGS):]:
+            row["frames"] = frames
+    if budget_bytes:
+        for name in VIDEO_SETTINGS:
+            fitting = [row["frames"] for row in rows if row["setting"] == name and row["peak_bytes"] <= budget_bytes]
+            logger.info("%s: largest frame count within budget: %s", name, max(fitting) if fitting else None)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ("| setting | batch | visual tokens (LLM in) | LLM seq after merge | GFLOPs | vision ms | prefill ms | "
+              "prefill speed-up | FLOPs limit | of limit | decode tok/s | samples/s | merge share | peak MiB | mem ratio |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        tokens = row["visual_tokens"]
+        lines.append(
+            f"| {row['setting']}{' @' + str(row['frames']) + 'f' if 'frames' in row else ''} | {row['batch']} | "
+            f"{tokens['llm_visual_input']} | {tokens['llm_sequence'][-1]} | {row['flops']['total'] / 1e9:.1f} | "
+            f"{row['vision_s'] * 1e3:.0f} | {row['prefill_s'] * 1e3:.0f} | {row['ratio_prefill']:.2f}x | "
+            f"{row['flops_predicted_speedup']:.2f}x | {row['fraction_of_flops_limit']:.0%} | "
+            f"{row['decode_tokens_per_s']:.1f} | {row['samples_per_s']:.2f} | {row['merge_share_of_prefill']:.1%} | "
+            f"{row['peak_bytes'] / 2**20:.0f} | {row['ratio_peak_memory']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], video_rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if video_rows else 1
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    merged = [row for row in rows if row["setting"] != "baseline"]
+    axis = axes[0, 0]
+    for row in merged:
+        axis.scatter(row["flops_predicted_speedup"], row["ratio_prefill"], label=f"{row['setting']} (b{row['batch']})")
+    limit = max([row["flops_predicted_speedup"] for row in merged] + [1.0]) * 1.1
+    axis.plot([1, limit], [1, limit], "k--", linewidth=0.8, label="time follows FLOPs")
+    axis.set(xlabel="FLOPs-predicted prefill speed-up", ylabel="measured prefill speed-up", title="speed-up vs limit")
+    axis.legend(fontsize=7)
+    if video_rows:
+        axis = axes[0, 1]
+        for name in VIDEO_SETTINGS:
+            points = [(row["frames"], row["peak_bytes"] / 2**20) for row in video_rows if row["setting"] == name]
+            axis.plot(*zip(*points), marker="o", label=name)
+        axis.set(xlabel="frames", ylabel="peak memory (MiB)", title="memory vs frames")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--geometry", default="llava-ov-7b-cpu", choices=sorted(GEOMETRIES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
+    parser.add_argument("--image-size", type=int, default=768)
+    parser.add_argument("--batches", default="1", help="comma-separated batch sizes, e.g. 1,4,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--video-frames", default="", help="comma-separated frame counts for the video sweep")
+    parser.add_argument("--memory-budget-gib", type=float, default=None)
+    parser.add_argument("--output_dir", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and argv is None:
+        # large CPU tensors through mmap, returned to the OS when freed: the sampled peak RSS then tracks live memory
+        os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        os.execv(sys.executable, [sys.executable, "-m", "illava.bench", *sys.argv[1:]])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dtype = getattr(torch, args.dtype)
+    model, processor, family = build_model(args.geometry, args.device, dtype, args.attn)
+    build_inputs = _inputs_builder(model, processor, family, args.image_size, None, args.device, dtype)
+    batches = [int(value) for value in args.batches.split(",")]
+    rows = run_suite(model, processor, family, SETTINGS[family], build_inputs, batches, args.repeats,
+                     args.new_tokens, args.device)
+    video_rows = []
+    if args.video_frames:
+        if family != "llava_onevision":
+            raise SystemExit("--video-frames: the video sweep uses a LLaVA-OneVision geometry")
+        budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
+        frames = [int(value) for value in args.video_frames.split(",")]
+        video_rows = video_sweep(model, processor, frames, budget, args.repeats, args.device, dtype)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{args.geometry}-{args.device}-{args.dtype}-{args.attn}"
+    machine = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    (output / f"{stem}.json").write_text(json.dumps(
+        {"arguments": vars(args), "machine": machine, "rows": rows, "video": video_rows}, indent=1, default=str))
+    table = markdown_table(rows + video_rows)
+    (output / f"{stem}.md").write_text(table + "\n")
+    plot(rows, video_rows, output / f"{stem}.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Benchmark bookkeeping: FLOPs formulas on known small cases and token counts from the trace (no timings)."""
+
+import pytest
+
+from illava import IllavaConfig, bench
+from illava.tiny_models import tiny_llava_onevision
+
+
+def test_vit_layer_flops_by_hand():
+    # 2 groups of 3 tokens, width 4, MLP 8: projections 3*(4*16 + 2*32) = 384, attention 2*9*4 = 72 per group
+    assert bench.vit_layer_flops(3, 2, 4, 8) == 2.0 * 2 * (384 + 72)
+
+
+def test_llm_prefill_flops_by_hand():
+    # 2 tokens, width 4, MLP 8, kv width 2: projections 2*(2*16 + 2*8 + 3*32) = 288; causal pairs 3 -> 2*3*4 = 24
+    assert bench.llm_prefill_flops(2, 4, 8, 2) == 2.0 * (288 + 24)
+    assert bench.llm_prefill_flops(1, 4, 8, 2, context=5) == 2.0 * (144 + 2 * 5 * 4)
+
+
+def test_scaled_geometry_keeps_head_dim_and_depth():
+    scaled = bench._scaled(bench.QWEN2_TEXT["7b"], 8)
+    assert scaled["hidden_size"] // scaled["num_attention_heads"] == 128
+    assert scaled["num_hidden_layers"] == 28 and scaled["num_attention_heads"] % scaled["num_key_value_heads"] == 0
+
+
+def test_suite_counts_tokens_and_flops_from_the_trace():
+    model, processor = tiny_llava_onevision(image_size=56, vision_layers=4, text_layers=4)
+    settings = {
+        "baseline": {},
+        "both": dict(enable_illava_vit=True, illava_vit_k="1-2", illava_vit_r=3,
+                     enable_illava_llm=True, illava_llm_k="2", illava_llm_r=0.5),
+    }
+    build = bench._inputs_builder(model, processor, "llava_onevision", 100, None, "cpu", model.dtype)
+    rows = bench.run_suite(model, processor, "llava_onevision", settings, build, [1, 2], 1, 3, "cpu")
+    assert [(row["setting"], row["batch"]) for row in rows] == [("baseline", 1), ("both", 1), ("baseline", 2), ("both", 2)]
+    base, merged = rows[0], rows[1]
+    assert merged["visual_tokens"]["vit_per_group"] == [16, 13, 10]
+    assert base["visual_tokens"]["vit_groups"] == merged["visual_tokens"]["vit_groups"] == 5  # base + 2x2 crops
+    sequence = merged["visual_tokens"]["llm_sequence"]
+    assert len(sequence) == 2 and sequence[1] < sequence[0] < base["visual_tokens"]["llm_sequence"][0]
+    expected = bench.prefill_flops(
+        model, IllavaConfig(**settings["both"]), [16, 13, 10], 5, sequence[0], sequence
+    )
+    assert merged["flops"] == pytest.approx(expected)
+    assert merged["flops_predicted_speedup"] == pytest.approx(base["flops"]["total"] / expected["total"])
+    assert merged["flops_predicted_speedup"] > 1 and base["flops_predicted_speedup"] == 1
+    assert "| both | 2 |" in bench.markdown_table(rows)
