@@ -45,7 +45,7 @@ def apply(model, config: IllavaConfig | Mapping[str, Any] | None = None, process
         state.undo()
         raise
     setattr(model, STATE_ATTRIBUTE, state)
-    logger.info("illava applied to %s: %s", type(model).__name__, config)
+    logger.debug("illava applied to %s: %s", type(model).__name__, config)
     return model
 
 

@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(rows + video_rows)
     (output / f"{stem}.md").write_text(table + "\n")
     plot(rows, video_rows, output / f"{stem}.png")
-    print(table)
+    sys.stdout.write(table + "\n")
 
 
 if __name__ == "__main__":
