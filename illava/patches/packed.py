@@ -57,6 +57,20 @@ class PackedRun:
         )
 
 
+def removals(counts: torch.Tensor, units_removed: Callable[[int], int], describe_group: Callable[[int], str],
+             setting: str) -> torch.Tensor:
+    """`[G]` units each group loses at this layer; an error naming the setting if one would lose them all."""
+    removed = torch.tensor([units_removed(int(count)) for count in counts.tolist()], device=counts.device)
+    emptied = (counts - removed < 1).nonzero().flatten().tolist()
+    if emptied:
+        group = emptied[0]
+        raise ValueError(
+            f"{setting} leaves no token in {describe_group(group)}: {int(counts[group])} units left, "
+            f"{int(removed[group])} to merge away at this layer; use a smaller r or a fraction"
+        )
+    return removed
+
+
 def pad_segments(values: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`[N, ...]` packed -> `[S, Lmax, ...]` padded, the `[S, Lmax]` validity mask and the `[N]` segment ids."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -96,14 +110,7 @@ def merge_packed(
     units = run.counts[-1]
     unit_scores = scores.view(segments, longest // unit, unit).mean(dim=-1)
     unit_valid = valid[:, ::unit]
-    removed = torch.tensor([units_removed(int(count)) for count in units.tolist()], device=hidden.device)
-    too_many = (units - removed < 1).nonzero().flatten().tolist()
-    if too_many:
-        segment = too_many[0]
-        raise ValueError(
-            f"{setting} leaves no token in {describe_segment(segment)}: {int(units[segment])} units left, "
-            f"{int(removed[segment])} to merge away at this layer; use a smaller r or a fraction"
-        )
+    removed = removals(units, units_removed, describe_segment, setting)
     if int(removed.max()) == 0:
         run.counts.append(units)
         if run.sources is not None:

@@ -21,6 +21,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from .. import merge
 from ..state import IllavaState
 from ..trace import VisionTrace
+from .packed import removals
 from .siglip import capture_query_key, captured_query_key, merging_layer_forward
 
 MODEL_CLASSES = (Siglip2VisionModel, Siglip2Model)
@@ -79,14 +80,12 @@ class NaflexMerger:
         batch, tokens, dim = hidden_states.shape
         query, key = captured_query_key(layer, slot, batch, tokens)
         counts = self.counts[-1]
-        removed = torch.tensor([self.config.vit_tokens_removed(int(n)) for n in counts.tolist()], device=counts.device)
-        empty = (counts - removed < 1).nonzero().flatten().tolist()
-        if empty:
-            height, width = (int(v) for v in self.spatial_shapes[empty[0]])
-            raise ValueError(
-                f"illava_vit_r={self.config.illava_vit_r} leaves no token in image {empty[0]} ({height}x{width} "
-                f"patches, {int(counts[empty[0]])} tokens left at this layer)"
-            )
+
+        def describe(image):
+            height, width = (int(v) for v in self.spatial_shapes[image])
+            return f"image {image} ({height}x{width} patches)"
+
+        removed = removals(counts, self.config.vit_tokens_removed, describe, f"illava_vit_r={self.config.illava_vit_r}")
         if int(removed.max()) == 0:
             self.counts.append(counts)
             if self.sources is not None:
