@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--question", default="Describe the image.", help="plain text, or words joined by - or _")
     parser.add_argument("--max_frames_num", type=int, default=32)
     parser.add_argument("--mm_spatial_pool_stride", type=int, default=2,
-                        help="LLaVA-OneVision video pooling stride; transformers' implementation pools 2x2")
+                        help="LLaVA-OneVision video pooling stride: 2 pools frames 2x2 (transformers' default), 1 keeps "
+                             "every token")
     parser.add_argument("--output_dir", default="outputs", help="where heatmaps are written")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -264,16 +265,17 @@ def run(args) -> None:
     config = IllavaConfig.from_dict({name: getattr(args, name) for name in IllavaConfig.field_names()})
     if args.max_frames_num < 1:
         raise CliError(f"--max_frames_num {args.max_frames_num} must be at least 1")
-    if args.mm_spatial_pool_stride != 2:
-        raise CliError(
-            f"--mm_spatial_pool_stride {args.mm_spatial_pool_stride}: transformers' LLaVA-OneVision pools video "
-            "frames 2x2 (stride 2) only"
-        )
+    if args.mm_spatial_pool_stride < 1:
+        raise CliError(f"--mm_spatial_pool_stride {args.mm_spatial_pool_stride} must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {args.device}: no CUDA device is available")
     visual = load_visual(args.input_path, args.max_frames_num)
     question = question_text(args.question)
     model, processor, description = load_model(args)
+    if args.mm_spatial_pool_stride != 2:
+        if model.config.model_type != "llava_onevision":
+            raise CliError("--mm_spatial_pool_stride applies to LLaVA-OneVision's video pooling only")
+        model.config.mm_spatial_pool_stride = args.mm_spatial_pool_stride  # read by illava.apply
     print(f"model: {description}")
     print(f"input: {args.input_path} ({visual.kind}); question: {question}")
     results, written = infer(

@@ -76,6 +76,14 @@ def test_end_to_end(workspace, capsys, model_name, input_name, kind):
     assert any(name.startswith("attention_map_llm_layer_") for name in files)
 
 
+def test_video_without_pooling(workspace, capsys):
+    status = cli.main(["--model_path", str(workspace / "ov"), "--input_path", str(workspace / "clip.mp4"),
+                       "--max_frames_num", "3", "--mm_spatial_pool_stride", "1", "--max_new_tokens", "2",
+                       "--enable_illava_vit", "True", "--illava_vit_k", "1", "--illava_vit_r", "7"])
+    assert status == 0
+    assert "LLM receives video tokens: [28]" in capsys.readouterr().out  # 3 frames x 9 unpooled tokens + newline
+
+
 def test_wrapper_script_runs(workspace):
     result = subprocess.run(
         [sys.executable, str(ROOT / "run_inference_once.py"), "--model_path", str(workspace / "ov"),
@@ -97,6 +105,7 @@ def test_wrapper_script_runs(workspace):
         (["--input_path", "{root}/image.png", "--enable_illava_vit", "True", "--illava_vit_k", "1-9"],
          r"\[9\] beyond the vision encoder's 4 layers"),
         (["--input_path", "{root}/image.png", "--max_frames_num", "0"], "max_frames_num 0"),
+        (["--input_path", "{root}/image.png", "--mm_spatial_pool_stride", "0"], "mm_spatial_pool_stride 0"),
     ],
 )
 def test_bad_input_gives_a_clear_error(workspace, capsys, arguments, message):

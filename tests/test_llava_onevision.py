@@ -308,3 +308,27 @@ def test_recorded_feature_index_matches_the_real_layout(siglip384_ov, r):
             where = (starts[item][:, None] + entry.features)[landed]
             assert torch.equal(flat[where], ids[..., 0][landed])
             assert int(landed.sum()) == int((flat >= 0).sum())  # every non-newline feature holds one survivor
+
+
+@pytest.mark.parametrize("vit", [False, True])
+def test_video_pool_stride_one_keeps_every_frame_token(siglip384_ov, vit):
+    model, processor = siglip384_ov
+    model.config.mm_spatial_pool_stride = 1
+    try:
+        options = dict(VIT, illava_vit_k="3-4-5-6", illava_vit_r=92) if vit else {}
+        with illava.applied(model, processor=processor, **options):
+            inputs = processor(videos=random_video(2), text="<video>what", return_tensors="pt")
+            per_frame = 361 if vit else 729
+            assert count(inputs, model.config.video_token_id) == 2 * per_frame + 1
+            output = model(**inputs)
+            assert output.video_hidden_states.shape[0] == 2 * per_frame + 1
+            assert illava.last_trace(model).vision[0].features.max() == 2 * per_frame - 1
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    finally:
+        del model.config.mm_spatial_pool_stride
+    with pytest.raises(ValueError, match="mm_spatial_pool_stride=0"):
+        model.config.mm_spatial_pool_stride = 0
+        try:
+            illava.apply(model, processor=processor, **VIT)
+        finally:
+            del model.config.mm_spatial_pool_stride

@@ -33,12 +33,21 @@ from .siglip import patch_siglip_vision_model
 MODEL_CLASSES = (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)
 
 
-def video_tokens_per_frame(tokens: int) -> int:
-    """Tokens a frame of `tokens` survivors is pooled to."""
+def video_tokens_per_frame(tokens: int, stride: int = 2) -> int:
+    """Tokens a frame of `tokens` survivors is pooled to (`stride` 2: transformers' 2x2 pooling; 1: none)."""
     side = math.isqrt(tokens)
     if side * side == tokens:
-        return math.ceil(side / 2) ** 2
-    return math.ceil(tokens / 4)
+        return math.ceil(side / stride) ** 2
+    return math.ceil(tokens / stride**2)
+
+
+def pool_stride(inner) -> int:
+    """Video pooling stride: LLaVA-NeXT's `mm_spatial_pool_stride`, read from the model config when set there
+    (transformers' LLaVA-OneVision always pools 2x2; `model.config.mm_spatial_pool_stride = 1` turns it off)."""
+    stride = getattr(inner.config, "mm_spatial_pool_stride", 2)
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise ValueError(f"mm_spatial_pool_stride={stride!r} must be a positive integer")
+    return stride
 
 
 def _inner_model(model) -> LlavaOnevisionModel:
@@ -78,18 +87,20 @@ def apply(state: IllavaState, model, processor=None) -> None:
     config = state.config
     inner = _inner_model(model)
     full_tokens = _validate(config, inner)
-    if not (config.enable_illava_vit or config.enable_illava_llm):
+    stride = pool_stride(inner)
+    if not (config.enable_illava_vit or config.enable_illava_llm or stride != 2):
         return
     language_merger = LanguageModelMerger(state, inner.language_model) if config.enable_illava_llm else None
     call = EncoderCall()
-    _patch_vision(state, inner, full_tokens, call)
+    _patch_vision(state, inner, full_tokens, stride, call)
     patch_encoding(state, model, inner, language_merger, call)
-    if config.enable_illava_vit:
-        if processor is not None:
-            patch_processor(state, processor, full_tokens, config.vit_token_counts(full_tokens)[-1])
+    if processor is not None:
+        merged = config.vit_token_counts(full_tokens)[-1] if config.enable_illava_vit else full_tokens
+        patch_processor(state, processor, full_tokens, merged, stride)
 
 
-def _patch_vision(state: IllavaState, inner: LlavaOnevisionModel, full_tokens: int, call: EncoderCall) -> None:
+def _patch_vision(state: IllavaState, inner: LlavaOnevisionModel, full_tokens: int, stride: int,
+                  call: EncoderCall) -> None:
     """Trace the tower; lay merged crops/frames out for the LLM; record where each survivor's feature lands."""
     patch_siglip_vision_model(state, inner.vision_tower, lambda: call.modality)
 
@@ -103,10 +114,11 @@ def _patch_vision(state: IllavaState, inner: LlavaOnevisionModel, full_tokens: i
         return _pack_merged_images(self, entry, image_features, image_sizes, image_newline, vision_aspect_ratio)
 
     def apply_pooling(self, original, image_features):
-        state.trace.vision[-1].features = _video_feature_index(image_features.shape[0], image_features.shape[1])
-        if image_features.shape[1] == full_tokens:
+        frames, tokens = image_features.shape[:2]
+        state.trace.vision[-1].features = _video_feature_index(frames, tokens, stride)
+        if tokens == full_tokens and stride == 2:
             return original(image_features)
-        return _pool_merged_frames(image_features)
+        return _pool_merged_frames(image_features, stride)
 
     def get_video_features(self, original, pixel_values_videos, *args, **kwargs):
         output = original(pixel_values_videos, *args, **kwargs)
@@ -191,16 +203,16 @@ def _pseudo_grid_index(crop_rows, crop_cols, side, image_size, has_newline, visi
     return index
 
 
-def _video_feature_index(frames: int, tokens: int) -> torch.Tensor:
+def _video_feature_index(frames: int, tokens: int, stride: int) -> torch.Tensor:
     """`[frames, tokens]`: where each survivor's feature lands within its video's placeholders."""
-    per_frame = video_tokens_per_frame(tokens)
+    per_frame = video_tokens_per_frame(tokens, stride)
     slots = torch.arange(tokens)
     side = math.isqrt(tokens)
     if side * side == tokens:
-        pooled = math.ceil(side / 2)
+        pooled = math.ceil(side / stride)
         local = (slots // side) * pooled // side * pooled + (slots % side) * pooled // side
     else:
-        local = slots // 4
+        local = slots // stride**2
     return torch.arange(frames)[:, None] * per_frame + local[None, :]
 
 
@@ -233,21 +245,24 @@ def _stitched_order(positions, crop_cols, grid) -> torch.Tensor:
     return (global_row * (crop_cols * cols) + global_col).flatten().argsort()
 
 
-def _pool_merged_frames(frames: torch.Tensor) -> torch.Tensor:
+def _pool_merged_frames(frames: torch.Tensor, stride: int) -> torch.Tensor:
+    if stride == 1:
+        return frames
     num_frames, tokens, dim = frames.shape
     side = math.isqrt(tokens)
     if side * side == tokens:
         grid = frames.view(num_frames, side, side, dim).permute(0, 3, 1, 2)
-        pooled = nn.functional.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+        pooled = nn.functional.interpolate(grid, size=[math.ceil(side / stride)] * 2, mode="bilinear")
         return pooled.permute(0, 2, 3, 1).reshape(num_frames, -1, dim)
-    pooled_tokens = video_tokens_per_frame(tokens)
-    padded = nn.functional.pad(frames, (0, 0, 0, pooled_tokens * 4 - tokens))
-    counts = torch.full((pooled_tokens,), 4.0, device=frames.device, dtype=frames.dtype)
-    counts[-1] = tokens - 4 * (pooled_tokens - 1)
-    return padded.view(num_frames, pooled_tokens, 4, dim).sum(dim=2) / counts[:, None]
+    group = stride**2  # no grid to pool on: average runs of `group` consecutive survivors
+    pooled_tokens = video_tokens_per_frame(tokens, stride)
+    padded = nn.functional.pad(frames, (0, 0, 0, pooled_tokens * group - tokens))
+    counts = torch.full((pooled_tokens,), float(group), device=frames.device, dtype=frames.dtype)
+    counts[-1] = tokens - group * (pooled_tokens - 1)
+    return padded.view(num_frames, pooled_tokens, group, dim).sum(dim=2) / counts[:, None]
 
 
-def patch_processor(state: IllavaState, processor, full_tokens: int, merged_tokens: int) -> None:
+def patch_processor(state: IllavaState, processor, full_tokens: int, merged_tokens: int, stride: int = 2) -> None:
     """Make a `LlavaOnevisionProcessor` instance emit as many placeholders as the merged model produces."""
     if processor.num_image_tokens != full_tokens:
         raise ValueError(
@@ -256,10 +271,12 @@ def patch_processor(state: IllavaState, processor, full_tokens: int, merged_toke
         )
     state.set_attribute(processor, "num_image_tokens", merged_tokens)
     side = math.isqrt(merged_tokens)
-    if side * side == merged_tokens:
+    if side * side == merged_tokens and stride == 2:
         return  # the processor's own arithmetic on a side x side grid is exactly the pseudo-grid layout
 
     def number_of_features(self, original, orig_height, orig_width, height, width):
+        if side * side == merged_tokens:
+            return original(orig_height, orig_width, height, width)
         best_height, best_width = select_best_resolution([orig_height, orig_width], self.image_processor.image_grid_pinpoints)
         crops = (best_height // height) * (best_width // width)
         return merged_tokens + crops * merged_tokens + 1
@@ -267,13 +284,13 @@ def patch_processor(state: IllavaState, processor, full_tokens: int, merged_toke
     def replace_video_token(self, original, video_inputs, video_idx, **kwargs):
         video = video_inputs["pixel_values_videos"][video_idx]
         frames = len(video) if isinstance(video, (list, tuple)) else video.shape[0]
-        return self.video_token * (frames * video_tokens_per_frame(merged_tokens) + 1)
+        return self.video_token * (frames * video_tokens_per_frame(merged_tokens, stride) + 1)
 
     def num_multimodal_tokens(self, original, image_sizes=None, video_sizes=None, **kwargs):
         data = original(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
         if video_sizes is not None:
             data["num_video_tokens"] = [
-                frames * video_tokens_per_frame(merged_tokens) + 1 for frames, _, _ in video_sizes
+                frames * video_tokens_per_frame(merged_tokens, stride) + 1 for frames, _, _ in video_sizes
             ]
         return data
 
