@@ -17,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 SETTINGS = {
@@ -67,42 +66,13 @@ def _medium_config(processor):
     )
 
 
-class _PeakRss:
-    """Samples this process's resident set size in a thread (Linux /proc)."""
-
-    def __init__(self):
-        self.peak = self.start = self._rss()
-        self._running = False
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        self.peak = self.start = self._rss()
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while self._running:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc):
-        self._running = False
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-
 def measure(setting: str, device: str, dtype: str, image_size: int, repeats: int, threads: int) -> dict:
     import numpy as np
     import torch
     from PIL import Image
 
     import illava
+    from illava.measure import PeakMemory
 
     torch.set_num_threads(threads)
     model, processor = build_medium_model(device, dtype)
@@ -131,11 +101,11 @@ def measure(setting: str, device: str, dtype: str, image_size: int, repeats: int
             seconds.append(time.perf_counter() - start)
             peaks.append(torch.cuda.max_memory_allocated() - before)
         else:
-            with _PeakRss() as rss:
+            with PeakMemory("cpu") as peak:
                 start = time.perf_counter()
                 prefill()
                 seconds.append(time.perf_counter() - start)
-            peaks.append(rss.peak - rss.start)
+            peaks.append(peak.bytes)
     trace = illava.last_trace(model) if illava.is_applied(model) else None
     llm_tokens = int(inputs["input_ids"].shape[1])
     if trace is not None and trace.language:
