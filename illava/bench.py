@@ -156,12 +156,13 @@ def llm_prefill_flops(tokens: int, width: int, mlp: int, kv_width: int, context:
     return 2.0 * (tokens * (2 * width * width + 2 * width * kv_width + 3 * width * mlp) + 2 * pairs * width)
 
 
-def prefill_flops(model, config: IllavaConfig, vit_counts: list[int], vit_groups: int, prompt_tokens: int,
-                  llm_counts: list[int]) -> dict[str, float]:
+def prefill_flops(model, config: IllavaConfig, vit_counts: list[int], vit_groups: int, llm_counts: list[int],
+                  sequences: int = 1) -> dict[str, float]:
     """Vision and LLM prefill FLOPs for a run whose token counts the trace recorded.
 
-    `vit_counts`: tokens per group before the first ViT merge layer and after each; `llm_counts`: sequence length
-    before the first LLM merge layer and after each.
+    `vit_counts`: tokens per group (crop/frame) before the first ViT merge layer and after each, over `vit_groups`
+    groups in all; `llm_counts`: length of each of the `sequences` prompts before the first LLM merge layer and
+    after each.
     """
     vision = model.config.vision_config
     text = model.config.text_config
@@ -177,8 +178,8 @@ def prefill_flops(model, config: IllavaConfig, vit_counts: list[int], vit_groups
                                         vision_mlp)
     llm_flops = 0.0
     for layer in range(text.num_hidden_layers):
-        llm_flops += llm_prefill_flops(llm_counts[sum(k <= layer for k in llm_merge)], text.hidden_size,
-                                       text.intermediate_size, kv_width)
+        llm_flops += sequences * llm_prefill_flops(llm_counts[sum(k <= layer for k in llm_merge)],
+                                                   text.hidden_size, text.intermediate_size, kv_width)
     return {"vision": vision_flops, "llm_prefill": llm_flops, "total": vision_flops + llm_flops}
 
 
@@ -276,8 +277,8 @@ def measure_once(model, processor, family, build_inputs, config: IllavaConfig | 
         trace = api.last_trace(model) if config is not None else None
         visual = _visual_tokens(model, inputs, trace)
         flops = prefill_flops(
-            model, config or IllavaConfig(), visual["vit_per_group"], visual["vit_groups"],
-            int(inputs["input_ids"].shape[1]), visual["llm_sequence"],
+            model, config or IllavaConfig(), visual["vit_per_group"], visual["vit_groups"], visual["llm_sequence"],
+            sequences=batch,
         )
     finally:
         if config is not None:

@@ -38,10 +38,11 @@ def test_suite_counts_tokens_and_flops_from_the_trace():
     assert base["visual_tokens"]["vit_groups"] == merged["visual_tokens"]["vit_groups"] == 5  # base + 2x2 crops
     sequence = merged["visual_tokens"]["llm_sequence"]
     assert len(sequence) == 2 and sequence[1] < sequence[0] < base["visual_tokens"]["llm_sequence"][0]
-    expected = bench.prefill_flops(
-        model, IllavaConfig(**settings["both"]), [16, 13, 10], 5, sequence[0], sequence
-    )
+    expected = bench.prefill_flops(model, IllavaConfig(**settings["both"]), [16, 13, 10], 5, sequence)
     assert merged["flops"] == pytest.approx(expected)
+    batched = bench.prefill_flops(model, IllavaConfig(**settings["both"]), [16, 13, 10], 10, sequence, sequences=2)
+    assert rows[3]["flops"] == pytest.approx(batched)
+    assert batched["llm_prefill"] == pytest.approx(2 * expected["llm_prefill"])
     assert merged["flops_predicted_speedup"] == pytest.approx(base["flops"]["total"] / expected["total"])
     assert merged["flops_predicted_speedup"] > 1 and base["flops_predicted_speedup"] == 1
     assert "| both | 2 |" in bench.markdown_table(rows)
