@@ -1,0 +1,187 @@
+"""VLMEvalKit integration: iLLaVA model entries for `vlmeval.config.supported_VLM`, and a launcher.
+
+    python -m illava.integrations.vlmeval --data MMBench_DEV_EN --model Qwen2-VL-7B-Instruct-iLLaVA [run.py options]
+    python -m illava.integrations.vlmeval --data MyMCQ --model Qwen2-VL-2B-Instruct-iLLaVA --model-path ./ckpt
+
+VLMEvalKit has no plugin mechanism: the launcher adds the entries of `MODELS` to `supported_VLM` and then runs
+VLMEvalKit's own `run.py` (beside the `vlmeval` package of a source checkout) in this process, with the remaining
+arguments. `--model-path` points the iLLaVA models at another checkpoint (a local copy, a tiny test model) and
+`--model-args '{"max_new_tokens": 16}'` overrides their `IllavaChat` keywords. VLMEvalKit's own wrappers
+hard-code CUDA, flash-attention-2 and `nvidia-smi`; `IllavaChat` loads any transformers model that illava
+patches, on the CPU or a GPU, and logs a merge report per sample into VLMEvalKit's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import runpy
+import sys
+from pathlib import Path
+from typing import Any
+
+try:
+    import vlmeval
+    from vlmeval.smp import get_logger
+    from vlmeval.vlm.base import BaseModel
+    from vlmeval.vlm.qwen2_vl.prompt import Qwen2VLPromptMixin
+except ModuleNotFoundError as error:
+    raise ImportError(
+        f"illava.integrations.vlmeval needs VLMEvalKit ({error.name!r} is missing). VLMEvalKit is not on PyPI: "
+        "git clone https://github.com/open-compass/VLMEvalKit && pip install -e VLMEvalKit"
+    ) from error
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from ..api import apply
+from ..cli import load_video
+from ..config import IllavaConfig
+from .report import merge_reports
+
+logger = get_logger("illava")  # under VLMEvalKit's "vlmeval" logger: its console and run-log handlers
+
+QWEN2_VL_PIXELS = dict(min_pixels=1280 * 28 * 28, max_pixels=16384 * 28 * 28)  # VLMEvalKit's Qwen2-VL settings
+QWEN2_VL_VIT = dict(enable_illava_vit=True, illava_vit_k="12-13-14-15", illava_vit_r=0.16)
+QWEN2_VL_LLM = dict(enable_illava_llm=True, illava_llm_k="6-7-8", illava_llm_r=0.90)
+LLAVA_OV = dict(  # the paper's image setting
+    enable_illava_vit=True,
+    illava_vit_k="5-6-7-8",
+    illava_vit_r=92,
+    enable_illava_llm=True,
+    illava_llm_k="8",
+    illava_llm_r=0.70,
+)
+
+
+class IllavaChat(Qwen2VLPromptMixin, BaseModel):
+    """A VLMEvalKit model (`generate_inner(message, dataset)`) for LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL
+    checkpoints in the transformers format, with iLLaVA applied; CPU or GPU.
+
+    `illava_options`: the iLLaVA options (`IllavaConfig` names). `use_custom_prompt`: Qwen2-VL's dataset prompts, as in
+    VLMEvalKit's `Qwen2VLChat` (on for Qwen2-VL there, off for Qwen2.5-VL). `min_pixels` / `max_pixels` go to
+    the Qwen2-VL processor. `nframe`: frames sampled per video. Other keywords are generation settings.
+    """
+
+    INSTALL_REQ = False
+    INTERLEAVE = True
+    VIDEO_LLM = True
+
+    def __init__(
+        self,
+        model_path: str,
+        illava_options: dict[str, Any] | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        use_custom_prompt: bool = False,
+        system_prompt: str | None = None,
+        nframe: int = 8,
+        max_new_tokens: int = 2048,
+        device: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str = "sdpa",
+        use_vllm: bool = False,
+        **generate_kwargs: Any,
+    ) -> None:
+        super().__init__(use_custom_prompt=use_custom_prompt)
+        if use_vllm:
+            raise ValueError("iLLaVA patches transformers models; --use-vllm is not supported")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pixels = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
+        self.processor = AutoProcessor.from_pretrained(model_path, **pixels)
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(
+                model_path, dtype=dtype, attn_implementation=attn_implementation
+            )
+            .to(device)
+            .eval()
+        )
+        self.illava_config = IllavaConfig.from_dict(illava_options or {})
+        apply(self.model, self.illava_config, processor=self.processor)
+        self.system_prompt = system_prompt
+        self.nframe = nframe
+        self.generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, **generate_kwargs}
+        logger.info("iLLaVA %s on %s: %s", type(self.model).__name__, device, self.illava_config)
+
+    def generate_inner(self, message: list[dict[str, str]], dataset: str | None = None) -> str:
+        content: list[dict[str, Any]] = []
+        images, videos = [], []
+        for item in message:
+            if item["type"] == "text":
+                content.append({"type": "text", "text": item["value"]})
+            elif item["type"] == "image":
+                content.append({"type": "image"})
+                with Image.open(item["value"]) as image:
+                    images.append(image.convert("RGB"))
+            else:
+                content.append({"type": "video"})
+                videos.append(load_video(Path(item["value"]), self.nframe))
+        messages = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        messages.append({"role": "user", "content": content})
+        prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = self.processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt").to(
+            self.model.device, self.model.dtype
+        )
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **self.generate_kwargs)
+        report = merge_reports(self.model, inputs["input_ids"])[0]
+        logger.info("iLLaVA visual tokens per stage: %s", report["visual_tokens"])
+        return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+
+
+def _entry(model_path: str, options: dict[str, Any], **keywords: Any) -> functools.partial:
+    return functools.partial(IllavaChat, model_path=model_path, illava_options=options, **keywords)
+
+
+QWEN2_VL_BOTH = {**QWEN2_VL_VIT, **QWEN2_VL_LLM}
+MODELS: dict[str, functools.partial] = {
+    "Qwen2-VL-7B-Instruct-iLLaVA": _entry(
+        "Qwen/Qwen2-VL-7B-Instruct", QWEN2_VL_BOTH, use_custom_prompt=True, **QWEN2_VL_PIXELS
+    ),
+    "Qwen2-VL-2B-Instruct-iLLaVA": _entry(
+        "Qwen/Qwen2-VL-2B-Instruct", QWEN2_VL_VIT, use_custom_prompt=True, **QWEN2_VL_PIXELS
+    ),
+    "Qwen2.5-VL-7B-Instruct-iLLaVA": _entry("Qwen/Qwen2.5-VL-7B-Instruct", QWEN2_VL_BOTH, **QWEN2_VL_PIXELS),
+    "llava-onevision-qwen2-7b-ov-hf-iLLaVA": _entry("llava-hf/llava-onevision-qwen2-7b-ov-hf", LLAVA_OV),
+    "llava-onevision-qwen2-0.5b-ov-hf-iLLaVA": _entry("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", LLAVA_OV),
+}
+
+
+def register(model_path: str | None = None, model_args: dict[str, Any] | None = None) -> None:
+    """Add the iLLaVA entries to `vlmeval.config.supported_VLM`; `model_path` replaces each entry's checkpoint and
+    `model_args` update its `IllavaChat` keywords (e.g. `{"max_new_tokens": 16, "device": "cpu"}`)."""
+    from vlmeval.config import supported_VLM
+
+    overrides = {**({"model_path": model_path} if model_path else {}), **(model_args or {})}
+    for name, entry in MODELS.items():
+        supported_VLM[name] = functools.partial(entry.func, **{**entry.keywords, **overrides})
+
+
+def run_script() -> Path:
+    """VLMEvalKit's `run.py`: it sits in the source checkout, beside the `vlmeval` package."""
+    path = Path(vlmeval.__file__).resolve().parent.parent / "run.py"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"VLMEvalKit's run.py is not at {path}; install VLMEvalKit from a source checkout (pip install -e)"
+        )
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Register, then run VLMEvalKit's run.py with the other arguments."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --help reaches run.py
+    parser.add_argument("--model-path", help="load this checkpoint for the iLLaVA models")
+    parser.add_argument("--model-args", type=json.loads, help="JSON object of IllavaChat keywords for them")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    register(args.model_path, args.model_args)
+    script = run_script()
+    sys.argv = [str(script), *rest]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""lmms-eval integration: the real `lmms-eval` command on tiny random-weight checkpoints and the tiny offline tasks
+in tests/lmms_tasks (generation, multiple choice by loglikelihood, multi-round), merged and baseline.
+
+The lmms-eval tests run where lmms-eval is installed (`pip install -e '.[lmms]'`) and skip elsewhere; the merge
+report test needs only illava.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import illava
+from illava.integrations.report import merge_reports
+from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
+
+from .conftest import random_image
+
+TASKS_DIR = Path(__file__).parent / "lmms_tasks"
+TASKS = ["illava_tiny_gen", "illava_tiny_mc", "illava_tiny_rounds"]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+OV_MERGE = (
+    "enable_illava_vit=True,illava_vit_k=1-2,illava_vit_r=3,enable_illava_llm=True,illava_llm_k=2,illava_llm_r=0.70"
+)
+QWEN_MERGE = (
+    "min_pixels=12544,enable_illava_vit=True,illava_vit_k=1-2,illava_vit_r=0.16,"
+    "enable_illava_llm=True,illava_llm_k=2,illava_llm_r=0.70"
+)
+
+needs_lmms_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval is not installed (pip install -e '.[lmms]')"
+)
+
+
+def test_merge_report_counts_tokens_per_stage_and_sample():
+    model, processor = tiny_llava_onevision()
+    processor.tokenizer.padding_side = "left"
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}] * count + [{"type": "text", "text": "what?"}]}],
+            add_generation_prompt=True,
+        )
+        for count in (1, 2)
+    ]
+    images = [random_image(50, 60, seed=0), random_image(56, 112, seed=1), random_image(112, 56, seed=2)]
+    config = illava.IllavaConfig(
+        enable_illava_vit=True, illava_vit_k="1-2", illava_vit_r=3, enable_illava_llm=True, illava_llm_k="2"
+    )
+    with illava.applied(model, config, processor=processor):
+        inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            model(**inputs)
+        reports = merge_reports(model, inputs["input_ids"])
+    assert [len(report["items"]) for report in reports] == [1, 2]
+    for report in reports:
+        stages = report["visual_tokens"]
+        assert list(stages) == ["vit_input", "vit_layer_1", "vit_layer_2", "llm_input", "llm_layer_2"]
+        assert stages["vit_input"] > stages["vit_layer_1"] > stages["vit_layer_2"]
+        assert stages["llm_input"] == sum(item["llm_tokens"] for item in report["items"])
+        assert stages["llm_layer_2"] < stages["llm_input"]
+        for item in report["items"]:
+            assert item["tokens_per_group"] == [16, 13, 10]
+    assert sum(report["visual_tokens"]["llm_input"] for report in reports) == int(
+        (inputs["input_ids"] == model.config.image_token_id).sum()
+    )
+    # without iLLaVA only the placeholders the language model receives are known
+    assert merge_reports(model, inputs["input_ids"])[0] == {
+        "visual_tokens": {"llm_input": reports[0]["visual_tokens"]["llm_input"]},
+        "items": [],
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL checkpoints saved as lmms-eval loads them."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    built = {
+        "ov": tiny_llava_onevision(),
+        "qwen2_vl": tiny_qwen2_vl(),
+        "qwen2_5_vl": tiny_qwen2_vl(model_class="Qwen2_5_VLForConditionalGeneration"),
+    }
+    paths = {}
+    for name, (model, processor) in built.items():
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+        processor.save_pretrained(paths[name])
+    return paths
+
+
+def run_lmms_eval(model: str, model_args: str, batch_size: int, output: Path, tmp_path: Path) -> dict:
+    """Run the `lmms-eval` command offline from the task folder; return the results JSON and logged samples."""
+    command = [
+        str(Path(sys.executable).with_name("lmms-eval")),
+        "--model", model,
+        "--model_args", model_args,
+        "--tasks", ",".join(TASKS),
+        "--include_path", str(TASKS_DIR),
+        "--batch_size", str(batch_size),
+        "--log_samples",
+        "--output_path", str(output),
+    ]  # fmt: skip
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf_home")}
+    completed = subprocess.run(command, cwd=TASKS_DIR, env=env, capture_output=True, text=True, timeout=600)
+    log = completed.stdout + completed.stderr
+    # lmms-eval exits 0 even when the run failed, so the files are the verdict
+    results = sorted(output.glob("*/*_results.json"))
+    assert results, f"no results JSON from {' '.join(command)}:\n{log[-6000:]}"
+    samples = {
+        task: [json.loads(line) for line in next(output.glob(f"*/*_samples_{task}.jsonl")).read_text().splitlines()]
+        for task in TASKS
+    }
+    return {"results": json.loads(results[0].read_text())["results"], "samples": samples}
+
+
+@needs_lmms_eval
+@pytest.mark.parametrize(
+    "model, checkpoint, extra, batch_size, merged",
+    [
+        # the seed's command line, on the CPU and a local checkpoint
+        (
+            "llava_onevision_training_free", "ov",
+            f"conv_template=qwen_1_5,model_name=llava_qwen_training_free,device_map=cpu,{OV_MERGE}", 1, True,
+        ),
+        ("llava_onevision_training_free", "ov", "device_map=cpu", 2, False),
+        ("qwen2_vl_training_free", "qwen2_vl", f"device_map=cpu,{QWEN_MERGE}", 2, True),
+        ("qwen2_vl_training_free", "qwen2_vl", "device_map=cpu", 1, False),
+    ],
+    ids=["llava-ov-merged-seed-command", "llava-ov-baseline-batch2", "qwen2-vl-merged-batch2", "qwen2-vl-baseline"],
+)  # fmt: skip
+def test_lmms_eval_cli(checkpoints, tmp_path, model, checkpoint, extra, batch_size, merged):
+    run = run_lmms_eval(model, f"pretrained={checkpoints[checkpoint]},{extra}", batch_size, tmp_path / "logs", tmp_path)
+    assert set(run["results"]) == set(TASKS)
+    assert run["results"]["illava_tiny_rounds"]["rounds,none"] == 2.0
+    assert 0.0 <= run["results"]["illava_tiny_mc"]["acc,none"] <= 1.0
+    for task, samples in run["samples"].items():
+        assert len(samples) == 4
+        for sample in samples:
+            counts = sample["token_counts"]
+            assert len(counts) == (4 if task == "illava_tiny_mc" else 1)  # one loglikelihood request per choice
+            reports = [count["illava"] for count in counts]
+            if task == "illava_tiny_rounds":
+                assert len(reports[0]) == 2  # one report per round
+                reports = reports[0]
+            for report in reports:
+                stages = report["visual_tokens"]
+                assert stages["llm_input"] > 0
+                if merged:
+                    assert stages["vit_layer_2"] < stages["vit_input"]
+                    assert stages["llm_layer_2"] < stages["llm_input"]
+                else:
+                    assert list(stages) == ["llm_input"]
+
+
+@needs_lmms_eval
+def test_requests_are_batch_invariant_and_loglikelihood_is_the_continuation_loss(checkpoints):
+    """In process: batch 1 and batch 2 agree with merging on; the score is the continuation's mean NLL."""
+    import types
+
+    from illava.integrations.lmms_eval import LlavaOneVisionTrainingFree
+
+    docs = [{"image": random_image(48 + 8 * i, 64, seed=i)} for i in range(2)]
+
+    def visual(doc: dict) -> list:
+        return [doc["image"]]
+
+    def requests(kind: str) -> list:
+        """lmms-eval's request arguments: (context, continuation or generation settings, doc_to_visual, doc id,
+        task, split)."""
+        if kind == "loglikelihood":
+            args = [("What color?", f" {c}", visual, i, "t", "test") for i in range(2) for c in ("red", "blue")]
+        else:
+            settings = {"max_new_tokens": 3, "until": ["\n"]}
+            args = [("Describe" * (i + 1), settings, visual, i, "t", "test") for i in range(2)]
+        return [types.SimpleNamespace(args=arg) for arg in args]
+
+    outputs = {}
+    for batch_size in (1, 2):
+        lm = LlavaOneVisionTrainingFree(
+            pretrained=str(checkpoints["ov"]), device_map="cpu", batch_size=batch_size, enable_illava_vit=True,
+            illava_vit_k="1-2", illava_vit_r=3, enable_illava_llm=True, illava_llm_k="2", illava_llm_r=0.7,
+        )  # fmt: skip
+        lm.task_dict = {"t": {"test": docs}}
+        outputs[batch_size] = (
+            [result.text for result in lm.loglikelihood(requests("loglikelihood"))],
+            [result.text for result in lm.generate_until(requests("generate"))],
+        )
+    (scores_1, texts_1), (scores_2, texts_2) = outputs[1], outputs[2]
+    assert texts_1 == texts_2
+    assert torch.allclose(torch.tensor([s for s, _ in scores_1]), torch.tensor([s for s, _ in scores_2]), atol=1e-4)
+
+    illava.remove(lm.model)  # score one request by hand with the plain model
+    processor = lm._illava_processor
+    prompt, _ = lm._prompt("What color?", [docs[0]["image"]])
+    inputs = processor(text=[prompt + " red"], images=[docs[0]["image"]], return_tensors="pt")
+    length = len(processor.tokenizer(" red", add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        logits = lm.model(**inputs).logits[0]
+    logprobs = torch.log_softmax(logits[-length - 1 : -1], dim=-1)
+    expected = -logprobs.gather(-1, inputs["input_ids"][0, -length:, None]).mean()
+    illava.apply(lm.model, illava.IllavaConfig(), processor=processor)
+    [(score, _)] = [result.text for result in lm.loglikelihood(requests("loglikelihood")[:1])]
+    assert score == pytest.approx(float(expected), abs=1e-5)
+
+
+@needs_lmms_eval
+def test_qwen2_vl_name_loads_qwen2_5_vl_checkpoints(checkpoints):
+    from illava.integrations.lmms_eval import Qwen2VLTrainingFree, Qwen25VLTrainingFree
+
+    lm = Qwen2VLTrainingFree.create_from_arg_string(f"pretrained={checkpoints['qwen2_5_vl']},device_map=cpu")
+    assert isinstance(lm, Qwen25VLTrainingFree)
+    assert type(lm.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert illava.is_applied(lm.model)
+
+
+@needs_lmms_eval
+def test_original_llava_next_checkpoint_is_refused_with_conversion_hint(tmp_path):
+    from illava.integrations.lmms_eval import LlavaOneVisionTrainingFree
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llava", "architectures": ["LlavaQwenForCausalLM"], "mm_vision_tower": "siglip"})
+    )
+    with pytest.raises(ValueError, match="convert_llava_onevision_weights_to_hf"):
+        LlavaOneVisionTrainingFree(pretrained=str(tmp_path), device_map="cpu")
+
+
+@needs_lmms_eval
+def test_missing_decord_gives_an_install_hint():
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["decord"] = None  # as if decord were not installed
+        from illava.integrations import lmms_eval as integration
+        try:
+            integration.LlavaOneVisionTrainingFree
+        except ImportError as error:
+            print(error)
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "'decord'" in completed.stdout and "pip install 'illava[lmms]'" in completed.stdout, completed.stderr
+
+
+@needs_lmms_eval
+def test_entry_point_registers_the_models(tmp_path):
+    """As the `lmms-eval` command sees the installed distributions (run elsewhere than the checkout, whose
+    illava.egg-info would shadow the installed metadata when it predates the entry point)."""
+    script = textwrap.dedent(
+        """
+        from lmms_eval.models import get_model
+        for name in ("llava_onevision_training_free", "qwen2_vl_training_free", "qwen2_5_vl_training_free"):
+            print(name, get_model(name).__name__)
+        """
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert completed.stdout.split() == [
+        "llava_onevision_training_free", "LlavaOneVisionTrainingFree",
+        "qwen2_vl_training_free", "Qwen2VLTrainingFree",
+        "qwen2_5_vl_training_free", "Qwen25VLTrainingFree",
+    ], completed.stdout + completed.stderr  # fmt: skip
