@@ -33,10 +33,6 @@ class MergePlan:
     weights: torch.Tensor  # [G, R+1] fp32: rank weights, 0 past a group's r
     target: torch.Tensor  # [G] long: g_r, the token that receives the merged value
 
-    @property
-    def kept_counts(self) -> torch.Tensor:
-        return self.keep.sum(dim=1)
-
 
 def plan_merge(scores: torch.Tensor, r: int | torch.Tensor, valid: torch.Tensor | None = None) -> MergePlan:
     """Choose, per group, the r+1 lowest-scored tokens and their rank weights.

@@ -222,7 +222,7 @@ def _pseudo_grid(crops, crop_rows, crop_cols, side, image_size, image_newline, v
     grid = grid.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
     grid = unpad_image(grid, image_size)
     max_num_patches = int(vision_aspect_ratio.strip("anyres_max_"))
-    channels, height, width = grid.shape
+    _, height, width = grid.shape
     ratio = math.sqrt(height * width / (max_num_patches * side**2))
     if ratio > 1.1:
         grid = nn.functional.interpolate(grid[None], [int(height // ratio), int(width // ratio)], mode="bilinear")[0]
