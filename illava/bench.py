@@ -399,8 +399,10 @@ def _median_row(name: str, measurements: list[Measurement]) -> dict:
     return row
 
 
-def video_sweep(model, processor, frame_counts, budget_bytes: int | None, repeats: int, device: str, dtype) -> list[dict]:
-    """Prefill time and peak memory per frame count, baseline vs the paper's video setting."""
+def video_sweep(model, processor, frame_counts, budget_bytes: int | None, repeats: int, device: str, dtype
+                ) -> tuple[list[dict], dict[str, int | None]]:
+    """Prefill time and peak memory per frame count, baseline vs the paper's video setting, and per setting the
+    largest frame count whose peak stayed within `budget_bytes`."""
     rows = []
     for frames in frame_counts:
         build = _inputs_builder(model, processor, "llava_onevision", 0, frames, device, dtype)
@@ -411,11 +413,13 @@ def video_sweep(model, processor, frame_counts, budget_bytes: int | None, repeat
             break
         for row in rows[-len(VIDEO_SETTINGS):]:
             row["frames"] = frames
+    largest = {}
     if budget_bytes:
         for name in VIDEO_SETTINGS:
             fitting = [row["frames"] for row in rows if row["setting"] == name and row["peak_bytes"] <= budget_bytes]
-            logger.info("%s: largest frame count within budget: %s", name, max(fitting) if fitting else None)
-    return rows
+            largest[name] = max(fitting) if fitting else None
+            logger.info("%s: largest frame count within budget: %s", name, largest[name])
+    return rows, largest
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -488,20 +492,21 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(value) for value in args.batches.split(",")]
     rows = run_suite(model, processor, family, SETTINGS[family], build_inputs, batches, args.repeats,
                      args.new_tokens, args.device)
-    video_rows = []
+    video_rows, largest = [], {}
     if args.video_frames:
         if family != "llava_onevision":
             raise SystemExit("--video-frames: the video sweep uses a LLaVA-OneVision geometry")
         budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
         frames = [int(value) for value in args.video_frames.split(",")]
-        video_rows = video_sweep(model, processor, frames, budget, args.repeats, args.device, dtype)
+        video_rows, largest = video_sweep(model, processor, frames, budget, args.repeats, args.device, dtype)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{args.geometry}-{args.device}-{args.dtype}-{args.attn}"
     machine = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     (output / f"{stem}.json").write_text(json.dumps(
-        {"arguments": vars(args), "machine": machine, "rows": rows, "video": video_rows}, indent=1, default=str))
+        {"arguments": vars(args), "machine": machine, "rows": rows, "video": video_rows,
+         "largest_frames_within_budget": largest}, indent=1, default=str))
     table = markdown_table(rows + video_rows)
     (output / f"{stem}.md").write_text(table + "\n")
     plot(rows, video_rows, output / f"{stem}.png")

@@ -46,3 +46,17 @@ def test_suite_counts_tokens_and_flops_from_the_trace():
     assert merged["flops_predicted_speedup"] == pytest.approx(base["flops"]["total"] / expected["total"])
     assert merged["flops_predicted_speedup"] > 1 and base["flops_predicted_speedup"] == 1
     assert "| both | 2 |" in bench.markdown_table(rows)
+
+
+def test_video_sweep_reports_frames_and_budget(monkeypatch):
+    model, processor = tiny_llava_onevision(image_size=56, vision_layers=4, text_layers=4)
+    monkeypatch.setitem(bench.VIDEO_SETTINGS, "video (paper)", dict(
+        enable_illava_vit=True, illava_vit_k="1", illava_vit_r=3, enable_illava_llm=True, illava_llm_k="2",
+        illava_llm_r=0.7))
+    rows, largest = bench.video_sweep(model, processor, [2, 3], 10**12, 1, "cpu", model.dtype)
+    assert [(row["setting"], row["frames"]) for row in rows] == [
+        ("baseline", 2), ("video (paper)", 2), ("baseline", 3), ("video (paper)", 3)]
+    assert rows[1]["visual_tokens"]["llm_visual_input"] < rows[0]["visual_tokens"]["llm_visual_input"]
+    assert largest == {"baseline": 3, "video (paper)": 3}
+    _, nothing_fits = bench.video_sweep(model, processor, [2], 0, 1, "cpu", model.dtype)
+    assert nothing_fits == {"baseline": None, "video (paper)": None}
