@@ -414,7 +414,7 @@ def video_sweep(model, processor, frame_counts, budget_bytes: int | None, repeat
         for row in rows[-len(VIDEO_SETTINGS):]:
             row["frames"] = frames
     largest = {}
-    if budget_bytes:
+    if budget_bytes is not None:
         for name in VIDEO_SETTINGS:
             fitting = [row["frames"] for row in rows if row["setting"] == name and row["peak_bytes"] <= budget_bytes]
             largest[name] = max(fitting) if fitting else None
