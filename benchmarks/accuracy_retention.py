@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import shlex
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `training.scenes` lives in the checkout, next to the package
 
 import illava  # noqa: E402
-from illava.default_model import build_prompt, decode_answer, load_default_model  # noqa: E402
+from illava.default_model import DEFAULT_MODEL_PATH, build_prompt, decode_answer, load_default_model  # noqa: E402
 from training.scenes import SIZE, Sample, sample  # noqa: E402
 
 METHODS = ("vit", "llm", "both", "random", "pool")
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="random dropping's generator seed")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="checkpoint (default: the bundled one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     command = "python " + shlex.join([str(Path(sys.argv[0])), *(sys.argv[1:] if argv is None else argv)])
@@ -199,14 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     vit_k = illava.IllavaConfig(illava_vit_k=args.vit_k).illava_vit_k
     llm_k = illava.IllavaConfig(illava_llm_k=args.llm_k).illava_llm_k
-    model, processor = load_default_model()
+    model, processor = load_default_model(path=args.model)
     full_side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     reachable = valid_sides(full_side, len(vit_k))
     unreachable = [side for side in args.sides if side not in reachable or side >= full_side]
     if unreachable:
         raise SystemExit(f"sides {unreachable} are not reachable with {len(vit_k)} ViT merge layers; use {reachable[1:]}")
     items = [sample("test", index) for index in range(args.samples)]
-    blank = [Sample(item.image.point(lambda _: 128), item.question, item.answer, item.kind, []) for item in items]
+    blank = [dataclasses.replace(item, image=item.image.point(lambda _: 128)) for item in items]
 
     rows = []
 

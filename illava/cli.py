@@ -115,13 +115,7 @@ def load_model(args) -> tuple[torch.nn.Module, object, str]:
                 device=args.device, dtype=dtype, attn_implementation=args.attn_implementation
             )
         except FileNotFoundError as missing:
-            from .tiny_models import tiny_llava_onevision
-
-            logger.warning("%s", missing)
-            model, processor = tiny_llava_onevision(image_size=224, patch_size=14, vision_layers=6,
-                                                    attn_implementation=args.attn_implementation)
-            model = model.to(args.device, dtype)
-            return model, processor, "a built-in random-weight LLaVA-OneVision (the trained default is not installed)"
+            raise CliError(f"{missing}; reinstall illava or pass --model_path") from None
         return model, processor, "the built-in default model (a small LLaVA-OneVision trained on generated scenes)"
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 

@@ -21,26 +21,33 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "assets" / "tiny_ov_scenes"
 
+# A question the default model answers and iLLaVA settings that fit its 6 vision and 4 decoder layers: 196 ->
+# 106 tokens per crop in the vision tower, half of the visual tokens dropped after decoder layer 2.
+EXAMPLE_QUESTION = "What is the object's colour?"
+SUGGESTED_SETTINGS = dict(enable_illava_vit=True, illava_vit_k="2-3-4", illava_vit_r=30,
+                          enable_illava_llm=True, illava_llm_k="2", illava_llm_r=0.5)
+
 _NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6"}
 
 
 def load_default_model(device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-                       attn_implementation: str = "sdpa"):
-    """`(model, processor)` from the bundled checkpoint, without touching the network.
+                       attn_implementation: str = "sdpa", path: str | Path = DEFAULT_MODEL_PATH):
+    """`(model, processor)` from the bundled checkpoint (or a retrained one at `path`), without the network.
 
     The weights are stored in bfloat16 to keep the repository small; `dtype=None` loads them as float32, which is
     what CPUs run fastest and what the accuracy in the README was measured with.
     """
     from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-    if not (DEFAULT_MODEL_PATH / "config.json").is_file():
-        raise FileNotFoundError(f"the default model is missing from {DEFAULT_MODEL_PATH}; see training/train_tiny_ov.py")
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path}; the default one is made by training/train_tiny_ov.py")
     dtype = torch.float32 if dtype is None else dtype
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        DEFAULT_MODEL_PATH, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     ).to(device).eval()
-    processor = AutoProcessor.from_pretrained(DEFAULT_MODEL_PATH, local_files_only=True)
-    logger.info("loaded the default model from %s (%s, %s)", DEFAULT_MODEL_PATH, model.dtype, device)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    logger.info("loaded the default model from %s (%s, %s)", path, model.dtype, device)
     return model, processor
 
 
@@ -48,11 +55,6 @@ def build_prompt(processor, question: str) -> str:
     """The prompt for one image and one question, exactly as in training: a user turn, then the assistant's start."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def build_target(answer: str) -> str:
-    """What the assistant turn holds after `build_prompt`'s text in training: the answer and the end-of-turn token."""
-    return f"{answer}<|im_end|>"
 
 
 def decode_answer(processor, generated: torch.Tensor, inputs) -> list[str]:

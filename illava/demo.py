@@ -18,13 +18,16 @@ import torch
 
 from .cli import CliError, Visual, infer, load_model, load_video, question_text
 from .config import IllavaConfig
+from .default_model import EXAMPLE_QUESTION, SUGGESTED_SETTINGS
 
 
 class DemoSession:
     """Holds the loaded model; `handle` is what the page calls (and what tests call without a browser)."""
 
-    def __init__(self, model, processor, description: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model, processor, description: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 question: str = "Describe the image.", config: IllavaConfig | None = None):
         self.model, self.processor, self.description = model, processor, description
+        self.question, self.config = question, config or IllavaConfig()  # what the page starts with
         self.device, self.dtype = device, dtype
         self.output_root = Path(tempfile.mkdtemp(prefix="illava-demo-"))
         self.calls = 0
@@ -71,14 +74,14 @@ def build_app(session: DemoSession):
         import gradio as gr
     except ImportError:
         raise SystemExit("the demo page needs gradio: pip install 'illava[demo]'") from None
-    defaults = IllavaConfig()
+    defaults = session.config
     with gr.Blocks(title="illava demo") as app:
         gr.Markdown(f"# illava: iLLaVA token merging\n{session.description}")
         with gr.Row():
             with gr.Column():
                 images = gr.File(label="image(s)", file_count="multiple", file_types=["image"], type="filepath")
                 video = gr.Video(label="or a video")
-                question = gr.Textbox(label="question", value="Describe the image.")
+                question = gr.Textbox(label="question", value=session.question)
                 with gr.Row():
                     enable_vit = gr.Checkbox(label="ViT stage", value=True)
                     vit_k = gr.Textbox(label="illava_vit_k", value="-".join(map(str, defaults.illava_vit_k)))
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model, processor, description = load_model(args)
     session = DemoSession(model, processor, description, args.device, getattr(torch, args.dtype))
+    if args.model_path is None:  # settings that fit the small default model (6 vision and 4 decoder layers)
+        session.question, session.config = EXAMPLE_QUESTION, IllavaConfig(**SUGGESTED_SETTINGS)
     build_app(session).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

@@ -1,15 +1,22 @@
 """Procedural scenes with templated questions whose answers are known, for training and scoring a tiny VLM.
 
-A scene is a 224x224 image: a low-contrast textured background, small grey clutter (dots, short strokes) and
-2-6 flat coloured shapes. Every question is built together with its scene so that its answer is uniformly
-distributed over its answer set and the question text says nothing about it (text-only accuracy is chance):
+A scene is a 224x224 image: a low-contrast textured background, small grey clutter (dots, short strokes), a few
+grey "decoy" shapes and 1-4 brightly coloured shapes. Every question is about the coloured shapes and is built
+together with its scene, so its answer is uniformly distributed over its answer set and the question text says
+nothing about it (text-only accuracy is chance):
 
-- colour: "What colour is the star?"           -> red / green / blue / yellow / purple (that shape is unique)
-- shape:  "What shape is the blue one?"        -> circle / square / triangle / star / cross (that colour is unique)
-- count:  "How many squares are there?"        -> 1 / 2 / 3 / 4 (other shapes are present too)
-- where:  "Where is the triangle?"             -> left / right / top / bottom (it sits in that zone; others avoid it)
+- colour: "What is the object's colour?"            -> red / green / blue / yellow / purple (one coloured shape)
+- shape:  "What is the coloured object's shape?"    -> circle / square / triangle / star / cross
+- where:  "What is its position?"                   -> left / right / top / bottom (it sits in that zone)
+- count:  "How many coloured objects? Give the count." -> 1 / 2 / 3 / 4 (grey decoys do not count)
 
-Everything is a function of (split, index): `sample("test", 7)` is the same scene on every machine.
+Reading them needs what merging can destroy: a coloured shape is 2-3 patches of 16 px across among 196 patches
+of texture, clutter and decoys of the same forms, so a method that drops or blurs the wrong tokens loses its
+colour, its outline, its position or one of several shapes.
+
+Everything is a function of (split, index, difficulty): `sample("test", 7)` is the same scene on every machine.
+`difficulty` in [0, 1] scales the number of decoys and clutter and shrinks shapes from large to their final
+size; training ramps it up (a curriculum), held-out scenes use the full difficulty 1.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ from PIL import Image, ImageDraw
 
 SIZE = 224
 SHAPES = ("circle", "square", "triangle", "star", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
 COLOURS = {
     "red": (215, 35, 35),
     "green": (30, 160, 60),
@@ -33,100 +39,151 @@ COLOURS = {
 }
 ZONES = ("left", "right", "top", "bottom")
 COUNTS = (1, 2, 3, 4)
-KINDS = ("colour", "shape", "count", "where")
+KINDS = ("colour", "shape", "where", "count")
+# Every template ends in its kind's key word and a full stop or question mark, and no template holds another kind's
+# key word: a small language model tells the kinds apart by one token at a fixed distance before its answer.
 TEMPLATES = {
-    "colour": ("What colour is the {shape}?", "Which colour does the {shape} have?"),
-    "shape": ("What shape is the {colour} one?", "Which shape is {colour}?"),
-    "count": ("How many {plural} are there?", "How many {plural}?"),
-    "where": ("Where is the {shape}?", "Where is the {shape} located?"),
+    "colour": ("What is the object's colour?", "Name its colour.", "Which is its colour?"),
+    "shape": ("What is the coloured object's shape?", "Name its shape.", "Which is its shape?"),
+    "where": ("Where is the coloured object? Give its position.", "Name its position.", "What is its position?"),
+    "count": ("How many coloured objects? Give the count.", "Name their count.", "What is their count?"),
 }
 ANSWERS = {
     "colour": tuple(COLOURS),
     "shape": SHAPES,
-    "count": tuple(str(count) for count in COUNTS),
     "where": ZONES,
+    "count": tuple(str(count) for count in COUNTS),
 }
-_RADIUS = (13, 19)  # shape half-size in pixels: 2-3 patches of 16 px across
+# Whole words the tokenizer keeps as single tokens (on top of its bytes): every answer is then one token, and so
+# is every key word of a question.
+VOCABULARY = (*SHAPES, *COLOURS, *ZONES, "coloured", "colour", "shape", "position", "count")
+_RADIUS = (15, 22)  # shape half-size in pixels at full difficulty: 2-3 patches of 16 px across
+_EASY_RADIUS = (24, 30)  # at difficulty 0
 _MARGIN = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
     kind: str
-    colour: str
+    colour: str | None  # None: a grey decoy
     x: float
     y: float
     radius: float
     angle: float
+    grey: tuple[int, int, int] = (128, 128, 128)  # the decoy's tone
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    kind: str
+    text: str
+    answer: str
 
 
 @dataclasses.dataclass
 class Sample:
+    """A scene and its main question (answer uniform over its answer set), plus the other questions the same
+    scene answers (their answers follow the scene, not a design)."""
+
     image: Image.Image
     question: str
     answer: str
     kind: str
     shapes: list[Shape]
+    more_questions: list[Question]
+
+    @property
+    def coloured(self) -> list[Shape]:
+        return [shape for shape in self.shapes if shape.colour is not None]
 
 
-def sample(split: str, index: int) -> Sample:
+def sample(split: str, index: int, difficulty: float = 1.0) -> Sample:
     """The scene, question and answer number `index` of `split` ("train", "test", ...); deterministic."""
     rng = random.Random(f"illava-scenes/{split}/{index}")
     kind = KINDS[index % len(KINDS)]
-    shapes, question, answer = _LAYOUTS[kind](rng)
-    return Sample(_render(shapes, rng), question, answer, kind, shapes)
+    scene = _Scene(rng, difficulty)
+    coloured = _coloured_shapes(scene, kind)
+    decoys = [(rng.choice(SHAPES), None) for _ in range(scene.count(1, 3))]
+    shapes = _place(scene, decoys, placed=coloured)
+    image = _render(shapes, scene)
+    answers = _answers(coloured)
+    question = rng.choice(TEMPLATES[kind])
+    more = [Question(other, rng.choice(TEMPLATES[other]), answer) for other, answer in answers.items() if other != kind]
+    rng.shuffle(more)
+    return Sample(image, question, answers[kind], kind, shapes, more)
 
 
-def samples(split: str, count: int, start: int = 0) -> list[Sample]:
-    return [sample(split, index) for index in range(start, start + count)]
+def _coloured_shapes(scene: _Scene, kind: str) -> list[Shape]:
+    """The coloured shapes, drawn so that the answer to a `kind` question is uniform over its answer set."""
+    rng = scene.rng
+    count = rng.choice(COUNTS) if kind == "count" else 1
+    shapes: list[Shape] = []
+    if kind == "where" or (count == 1 and rng.random() < 0.5):
+        radius = scene.radius()
+        x, y = _zone_point(rng, rng.choice(ZONES), radius)
+        shapes.append(Shape(rng.choice(SHAPES), rng.choice(tuple(COLOURS)), x, y, radius, rng.uniform(0, 2 * math.pi)))
+    items = [(rng.choice(SHAPES), rng.choice(tuple(COLOURS))) for _ in range(count - len(shapes))]
+    return _place(scene, items, placed=shapes)
 
 
-# -- layouts: which shapes go where, chosen together with the question -------------------------------------
+def _answers(coloured: list[Shape]) -> dict[str, str]:
+    """Every question kind this scene answers unambiguously."""
+    answers = {"count": str(len(coloured))}
+    if len(coloured) == 1:
+        (shape,) = coloured
+        answers.update(colour=shape.colour, shape=shape.kind)
+        zone = _zone_of(shape.x, shape.y)
+        if zone is not None:
+            answers["where"] = zone
+    return answers
 
 
-def _colour_question(rng: random.Random) -> tuple[list[Shape], str, str]:
-    target = rng.choice(SHAPES)
-    colour = rng.choice(tuple(COLOURS))
-    others = [(rng.choice([s for s in SHAPES if s != target]), rng.choice(tuple(COLOURS))) for _ in range(rng.randint(1, 4))]
-    shapes = _place(rng, [(target, colour)] + others)
-    return shapes, rng.choice(TEMPLATES["colour"]).format(shape=target), colour
+def patch_labels(item: Sample, patch: int) -> np.ndarray:
+    """`[patches, 5]` dense targets for pretraining a vision tower, one row per patch in raster order.
+
+    A patch belongs to the shape whose core (0.8 of its radius) covers its centre. Columns: the colour (1..
+    `COLOURS`), shape (1.. `SHAPES`) and zone (1.. `ZONES`) of the coloured shape it belongs to (0 elsewhere, decoys
+    included: an average over all tokens then reads the coloured shapes alone), the form of any shape it belongs
+    to, decoys included (more outlines to learn from; 0 elsewhere), and the number of coloured shapes in the scene
+    (0-3 for 1-4) on every patch.
+    """
+    side = SIZE // patch
+    centres = (np.arange(side) + 0.5) * patch
+    ys, xs = np.meshgrid(centres, centres, indexing="ij")
+    labels = np.zeros((side, side, 5), dtype=np.int64)
+    labels[..., 4] = len(item.coloured) - 1
+    for shape in item.shapes:
+        covered = np.hypot(xs - shape.x, ys - shape.y) < 0.8 * shape.radius
+        labels[covered, 3] = SHAPES.index(shape.kind) + 1
+        if shape.colour is not None:
+            zone = _zone_of(shape.x, shape.y)
+            labels[covered, 0] = tuple(COLOURS).index(shape.colour) + 1
+            labels[covered, 1] = SHAPES.index(shape.kind) + 1
+            labels[covered, 2] = ZONES.index(zone) + 1 if zone else 0
+    return labels.reshape(side * side, 5)
 
 
-def _shape_question(rng: random.Random) -> tuple[list[Shape], str, str]:
-    target = rng.choice(SHAPES)
-    colour = rng.choice(tuple(COLOURS))
-    others = [(rng.choice(SHAPES), rng.choice([c for c in COLOURS if c != colour])) for _ in range(rng.randint(1, 4))]
-    shapes = _place(rng, [(target, colour)] + others)
-    return shapes, rng.choice(TEMPLATES["shape"]).format(colour=colour), target
+class _Scene:
+    """The random stream of one scene and the sizes its difficulty implies."""
 
+    def __init__(self, rng: random.Random, difficulty: float):
+        if not 0.0 <= difficulty <= 1.0:
+            raise ValueError(f"difficulty={difficulty} must lie in [0, 1]")
+        self.rng = rng
+        self.difficulty = difficulty
 
-def _count_question(rng: random.Random) -> tuple[list[Shape], str, str]:
-    target = rng.choice(SHAPES)
-    count = rng.choice(COUNTS)
-    items = [(target, rng.choice(tuple(COLOURS))) for _ in range(count)]
-    items += [(rng.choice([s for s in SHAPES if s != target]), rng.choice(tuple(COLOURS))) for _ in range(rng.randint(1, 2))]
-    rng.shuffle(items)
-    shapes = _place(rng, items)
-    return shapes, rng.choice(TEMPLATES["count"]).format(plural=PLURALS[target]), str(count)
+    def count(self, low: int, high: int) -> int:
+        """How many decoys (or clutter marks): `low..high` at full difficulty, none at difficulty 0."""
+        return self.rng.randint(round(low * self.difficulty), round(high * self.difficulty))
 
-
-def _where_question(rng: random.Random) -> tuple[list[Shape], str, str]:
-    target = rng.choice(SHAPES)
-    zone = rng.choice(ZONES)
-    others = [(rng.choice([s for s in SHAPES if s != target]), rng.choice(tuple(COLOURS))) for _ in range(rng.randint(1, 3))]
-    radius = rng.uniform(*_RADIUS)
-    x, y = _zone_point(rng, zone, radius)
-    anchor = Shape(target, rng.choice(tuple(COLOURS)), x, y, radius, rng.uniform(0, 2 * math.pi))
-    shapes = _place(rng, others, placed=[anchor])
-    return shapes, rng.choice(TEMPLATES["where"]).format(shape=target), zone
-
-
-_LAYOUTS = {"colour": _colour_question, "shape": _shape_question, "count": _count_question, "where": _where_question}
+    def radius(self) -> float:
+        low, high = (easy + (hard - easy) * self.difficulty for easy, hard in zip(_EASY_RADIUS, _RADIUS))
+        return self.rng.uniform(low, high)
 
 
 def _zone_point(rng: random.Random, zone: str, radius: float) -> tuple[float, float]:
     """A centre clearly inside one of four zones: the outer third along one axis, the middle along the other."""
-    outer = rng.uniform(radius + _MARGIN, SIZE / 3 - radius / 2)
+    outer = rng.uniform(radius + _MARGIN, max(radius + _MARGIN, SIZE / 3 - radius / 2))
     middle = rng.uniform(SIZE * 0.3, SIZE * 0.7)
     return {
         "left": (outer, middle),
@@ -136,18 +193,34 @@ def _zone_point(rng: random.Random, zone: str, radius: float) -> tuple[float, fl
     }[zone]
 
 
-def _place(rng: random.Random, items: list[tuple[str, str]], placed: list[Shape] | None = None) -> list[Shape]:
+def _zone_of(x: float, y: float) -> str | None:
+    """The zone a centre lies in, if any: the region `_zone_point` draws from."""
+    middle = SIZE * 0.3 <= y <= SIZE * 0.7, SIZE * 0.3 <= x <= SIZE * 0.7
+    if middle[0] and x < SIZE / 3:
+        return "left"
+    if middle[0] and x > SIZE * 2 / 3:
+        return "right"
+    if middle[1] and y < SIZE / 3:
+        return "top"
+    if middle[1] and y > SIZE * 2 / 3:
+        return "bottom"
+    return None
+
+
+def _place(scene: _Scene, items: list[tuple[str, str | None]], placed: list[Shape] | None = None) -> list[Shape]:
     """Non-overlapping positions for `items` (rejection sampling; shrinks shapes if the scene gets crowded)."""
+    rng = scene.rng
     shapes = list(placed or [])
     for kind, colour in items:
-        radius = rng.uniform(*_RADIUS)
+        radius = scene.radius()
+        tone = rng.randint(80, 170)
+        grey = (tone, tone - rng.randint(0, 20), tone - rng.randint(0, 30))
         for attempt in range(400):
-            scale = 1.0 - 0.3 * attempt / 400
-            r = radius * scale
+            r = radius * (1.0 - 0.5 * attempt / 400)
             x = rng.uniform(r + _MARGIN, SIZE - r - _MARGIN)
             y = rng.uniform(r + _MARGIN, SIZE - r - _MARGIN)
             if all(math.hypot(x - s.x, y - s.y) > (r + s.radius) * 1.15 + 2 for s in shapes):
-                shapes.append(Shape(kind, colour, x, y, r, rng.uniform(0, 2 * math.pi)))
+                shapes.append(Shape(kind, colour, x, y, r, rng.uniform(0, 2 * math.pi), grey))
                 break
         else:
             raise RuntimeError("could not place a shape; the scene is too crowded")
@@ -157,12 +230,12 @@ def _place(rng: random.Random, items: list[tuple[str, str]], placed: list[Shape]
 # -- rendering ----------------------------------------------------------------------------------------------
 
 
-def _render(shapes: list[Shape], rng: random.Random) -> Image.Image:
+def _render(shapes: list[Shape], scene: _Scene) -> Image.Image:
     """Draw at 2x and downsample, so edges are anti-aliased like a photo's rather than aliased like a mask."""
-    scale = 2
+    rng, scale = scene.rng, 2
     image = Image.fromarray(_background(rng, SIZE * scale))
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.randint(4, 12)):  # clutter: grey/brown dots and short strokes, never a palette colour
+    for _ in range(scene.count(4, 12)):  # clutter: grey/brown dots and short strokes, never a palette colour
         tone = rng.randint(60, 170)
         colour = (tone, tone - rng.randint(0, 25), tone - rng.randint(0, 40))
         x, y = rng.uniform(0, SIZE) * scale, rng.uniform(0, SIZE) * scale
@@ -199,7 +272,8 @@ def _background(rng: random.Random, size: int) -> np.ndarray:
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, scale: int) -> None:
-    x, y, r, fill = shape.x * scale, shape.y * scale, shape.radius * scale, COLOURS[shape.colour]
+    x, y, r = shape.x * scale, shape.y * scale, shape.radius * scale
+    fill = shape.grey if shape.colour is None else COLOURS[shape.colour]
     if shape.kind == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
         return
