@@ -8,9 +8,9 @@ turn with the image and the question, then the assistant's answer and `<|im_end|
 answers and `<|im_end|>`. Held-out accuracy is exact match of greedy `generate` output.
 
 Stages (all from random initialisation):
-1. the vision tower learns dense per-patch targets (colour, shape, zone, form, count) through a linear head;
+1. the vision tower learns dense per-patch targets (colour, shape, zone, form, count) through a linear head,
+   which then seeds the projector, so the decoder starts out seeing the tower's predictions;
 1b. the decoder learns, from text-only conversations, which kind of answer each question asks for;
-   the projector is then seeded with the stage-1 head, so the decoder starts out seeing the tower's predictions;
 2. everything trains on question answering (the tower at a tenth of the rate).
 
     python training/train_tiny_ov.py                              # the committed model: 2 threads, ~32 min, 91%
