@@ -5,8 +5,7 @@ by `training/train_tiny_ov.py` on the scenes of `training/scenes.py` (shapes, co
 ships in `illava/assets/tiny_ov_scenes/` (see the README there for its accuracy and how it was made).
 
     model, processor = load_default_model()
-    inputs = processor(images=[image], text=build_prompt(processor, "What colour is the circle?"), return_tensors="pt")
-    answer = decode_answer(processor, model.generate(**inputs, max_new_tokens=8, do_sample=False), inputs)
+    answer_questions(model, processor, [image], ["What is the object's colour?"])   # ["red"]
 """
 
 from __future__ import annotations
@@ -55,6 +54,15 @@ def build_prompt(processor, question: str) -> str:
     """The prompt for one image and one question, exactly as in training: a user turn, then the assistant's start."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@torch.no_grad()
+def answer_questions(model, processor, images: list, questions: list[str], max_new_tokens: int = 8) -> list[str]:
+    """Greedy, normalised answers, one per (image, question) pair, in one batch."""
+    texts = [build_prompt(processor, question) for question in questions]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
+    generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return decode_answer(processor, generated, inputs)
 
 
 def decode_answer(processor, generated: torch.Tensor, inputs) -> list[str]:

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import illava
@@ -13,8 +12,8 @@ from illava.default_model import (
     DEFAULT_MODEL_PATH,
     EXAMPLE_QUESTION,
     SUGGESTED_SETTINGS,
+    answer_questions,
     build_prompt,
-    decode_answer,
     load_default_model,
     normalise_answer,
 )
@@ -38,10 +37,7 @@ def default_model(offline):
 
 
 def answers(model, processor, items) -> list[str]:
-    texts = [build_prompt(processor, item.question) for item in items]
-    inputs = processor(images=[item.image for item in items], text=texts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return decode_answer(processor, model.generate(**inputs, max_new_tokens=10, do_sample=False), inputs)
+    return answer_questions(model, processor, [item.image for item in items], [item.question for item in items])
 
 
 def test_checkpoint_is_small_and_complete():

@@ -38,7 +38,7 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `training` and `illava` import from the checkout
 
-from illava.default_model import DEFAULT_MODEL_PATH, build_prompt, decode_answer  # noqa: E402
+from illava.default_model import DEFAULT_MODEL_PATH, answer_questions, build_prompt  # noqa: E402
 from illava.tiny_models import CHAT_TEMPLATE, byte_level_tokenizer  # noqa: E402
 from training.scenes import COLOURS, COUNTS, KINDS, SHAPES, SIZE, VOCABULARY, ZONES, Sample, patch_labels, sample  # noqa: E402
 
@@ -250,9 +250,7 @@ def evaluate(model, processor, items: list[Sample], batch_size: int = 32) -> dic
     hits = {kind: [] for kind in KINDS}
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        texts = [build_prompt(processor, item.question) for item in batch]
-        inputs = processor(images=[item.image for item in batch], text=texts, return_tensors="pt", padding=True)
-        answers = decode_answer(processor, model.generate(**inputs, max_new_tokens=8, do_sample=False), inputs)
+        answers = answer_questions(model, processor, [item.image for item in batch], [item.question for item in batch])
         for item, answer in zip(batch, answers):
             hits[item.kind].append(answer == item.answer)
     model.train()
