@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from . import compat
 from .config import IllavaConfig
 from .patches import find_family
 from .state import STATE_ATTRIBUTE, IllavaState
@@ -35,6 +36,7 @@ def apply(model, config: IllavaConfig | Mapping[str, Any] | None = None, process
     Options may also be given as keywords: `apply(model, enable_illava_vit=True, illava_vit_k="5-6-7-8")`.
     """
     config = _as_config(config, options)
+    compat.warn_if_untested()
     if getattr(model, STATE_ATTRIBUTE, None) is not None:
         raise RuntimeError("illava is already applied to this model; call illava.remove(model) first")
     family = find_family(model)

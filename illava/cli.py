@@ -80,7 +80,7 @@ def load_video(path: Path, max_frames: int) -> np.ndarray:
                 raise CliError(f"video {str(path)!r} has no frames")
             indices = np.linspace(0, total - 1, min(max_frames, total)).round().astype(int)
             return reader.get_batch(list(indices)).asnumpy()
-        except decord.DECORDError as error:
+        except (decord.DECORDError, RuntimeError) as error:  # decord raises RuntimeError for unreadable files
             raise CliError(f"cannot decode video {str(path)!r}: {error}") from None
     try:
         import av

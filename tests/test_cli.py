@@ -54,6 +54,7 @@ def workspace(tmp_path_factory):
     (root / "empty").mkdir()
     write_video(root / "clip.mp4")
     (root / "broken.mp4").write_bytes(b"not a video at all")
+    (root / "empty.mp4").write_bytes(b"")
     return root
 
 
@@ -113,6 +114,16 @@ def test_bad_input_gives_a_clear_error(workspace, capsys, arguments, message):
     status = cli.main(["--model_path", str(workspace / "ov"), *arguments])
     assert status == 2
     assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("decoder", ["decord", "av"])
+@pytest.mark.parametrize("name", ["broken.mp4", "empty.mp4"])
+def test_an_unreadable_video_is_named_by_either_decoder(workspace, monkeypatch, decoder, name):
+    pytest.importorskip(decoder)
+    if decoder == "av":
+        monkeypatch.setitem(sys.modules, "decord", None)  # what a machine without decord does
+    with pytest.raises(cli.CliError, match=f"cannot decode video .*{name}|video .*{name}.* has no frames"):
+        cli.load_video(workspace / name, max_frames=4)
 
 
 def test_unknown_flag_exits_nonzero(workspace):

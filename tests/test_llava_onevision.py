@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import illava
+from illava.compat import image_features, video_features
 from illava.tiny_models import tiny_llava_onevision
 
 from .conftest import logits_of, random_image, random_video
@@ -84,7 +85,7 @@ def test_seed_image_token_counts(siglip384_ov, k, r, per_crop, side):
             assert entry.tokens_per_group[0] == 729 and entry.tokens_per_group[-1] == per_crop
             assert entry.positions.shape == (entry.num_groups, per_crop)
             # the LLM saw exactly as many image features as there are placeholders
-            assert output.image_hidden_states.shape[0] == count(inputs, model.config.image_token_id)
+            assert image_features(output).shape[0] == count(inputs, model.config.image_token_id)
             if (height, width) == (384, 384):  # one 384 crop + base: pseudo grid side x side, side newlines + 1
                 assert count(inputs, model.config.image_token_id) == per_crop + side * side + side
 
@@ -97,7 +98,7 @@ def test_seed_video_token_count_is_100_per_frame(siglip384_ov):
         output = model(**inputs)
         entry = illava.last_trace(model).vision[0]
         assert entry.modality == "video" and entry.tokens_per_group[-1] == 361 and entry.groups_per_item == [4]
-        assert output.video_hidden_states.shape[0] == 401
+        assert video_features(output).shape[0] == 401
 
 
 @pytest.mark.parametrize("r", [90, 0.1])
@@ -111,7 +112,7 @@ def test_non_square_counts_match_placeholders(siglip384_ov, r):
             output = model(**inputs)
             crops = illava.last_trace(model).vision[0].num_groups
             assert count(inputs, model.config.image_token_id) == crops * per_crop + 1
-            assert output.image_hidden_states.shape[0] == crops * per_crop + 1
+            assert image_features(output).shape[0] == crops * per_crop + 1
         inputs = processor(videos=random_video(3), text="<video>what", return_tensors="pt")
         assert count(inputs, model.config.video_token_id) == 3 * math.ceil(per_crop / 4) + 1
         model(**inputs)
@@ -146,8 +147,8 @@ def test_changing_one_image_leaves_the_other_images_features_unchanged(siglip384
     with illava.applied(model, illava_vit_k="5-6-7-8", illava_vit_r=92, processor=processor, **VIT):
         first = image_prompt(processor, [random_image(384, 384, seed=1), random_image(384, 384, seed=2)])
         second = image_prompt(processor, [random_image(384, 384, seed=1), random_image(384, 384, seed=9)])
-        a = model(**first).image_hidden_states
-        b = model(**second).image_hidden_states
+        a = image_features(model(**first))
+        b = image_features(model(**second))
         assert illava.last_trace(model).vision[0].groups_per_item == [1, 1]
     per_image = 361 + 1  # several images in one prompt: base crop only, then a newline
     assert a.shape[0] == 2 * per_image
@@ -321,7 +322,7 @@ def test_video_pool_stride_one_keeps_every_frame_token(siglip384_ov, vit):
             per_frame = 361 if vit else 729
             assert count(inputs, model.config.video_token_id) == 2 * per_frame + 1
             output = model(**inputs)
-            assert output.video_hidden_states.shape[0] == 2 * per_frame + 1
+            assert video_features(output).shape[0] == 2 * per_frame + 1
             assert illava.last_trace(model).vision[0].features.max() == 2 * per_frame - 1
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
     finally:

@@ -5,6 +5,7 @@ import torch
 
 import illava
 from illava import merge
+from illava.compat import CACHE_KEYWORD, output_cache
 from illava.patches.qwen2 import LanguageModelMerger
 from illava.tiny_models import tiny_llava_onevision
 
@@ -175,7 +176,7 @@ def test_continuing_from_returned_cache(ov, monkeypatch):
         first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         resumed = model.generate(
             input_ids=first.sequences, attention_mask=torch.ones_like(first.sequences),
-            past_key_values=first.past_key_values, max_new_tokens=3, do_sample=False,
+            max_new_tokens=3, do_sample=False, **{CACHE_KEYWORD: output_cache(first)},
         )
         assert torch.equal(resumed, at_once)
 
@@ -184,7 +185,7 @@ def test_continuing_from_returned_cache(ov, monkeypatch):
         sequence = torch.cat((first.sequences, torch.tensor([[65, 66]])), dim=1)
         with torch.no_grad():
             continued = model(
-                input_ids=sequence[:, -3:], past_key_values=first.past_key_values, use_cache=True,
+                input_ids=sequence[:, -3:], use_cache=True, **{CACHE_KEYWORD: output_cache(first)},
                 attention_mask=torch.ones_like(sequence),
             ).logits
         replay.recorded = replay.recorded[-2:]  # the scores of the last prefill
@@ -235,7 +236,7 @@ def test_errors(ov):
     with illava.applied(model, illava_llm_k="2", processor=processor, **LLM):
         first = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
         with pytest.raises(ValueError, match="empty KV cache"):
-            model(**inputs, past_key_values=first.past_key_values)
+            model(**inputs, **{CACHE_KEYWORD: output_cache(first)})
 
 
 @pytest.mark.gpu

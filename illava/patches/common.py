@@ -2,7 +2,7 @@
 and handing each forward's image/video spans to the LLM stage.
 
 The family's `get_image_features` / `get_video_features` / `get_placeholder_mask` keep the signatures of
-transformers 5.23's VLMs (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL); they are wrapped on the instance.
+the VLMs of transformers 5.20 - 5.24 (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL); they are wrapped on the instance.
 """
 
 from __future__ import annotations

@@ -22,9 +22,7 @@ import math
 import torch
 from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
-from transformers.image_processing_utils import select_best_resolution
-from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
-
+from ..compat import get_anyres_image_grid_shape, select_best_resolution, unpad_image
 from ..state import IllavaState
 from .common import EncoderCall, patch_encoding
 from .qwen2 import LanguageModelMerger
@@ -217,7 +215,7 @@ def _video_feature_index(frames: int, tokens: int, stride: int) -> torch.Tensor:
 
 
 def _pseudo_grid(crops, crop_rows, crop_cols, side, image_size, image_newline, vision_aspect_ratio):
-    """LLaVA-OneVision's anyres layout (`pack_image_features`, transformers 5.23) on a pseudo side x side grid."""
+    """LLaVA-OneVision's anyres layout (`pack_image_features`, transformers 5.20 - 5.24) on a pseudo side x side grid."""
     grid = crops.view(crop_rows, crop_cols, side, side, -1)
     grid = grid.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
     grid = unpad_image(grid, image_size)

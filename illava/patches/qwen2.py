@@ -1,6 +1,7 @@
 """LLM-stage merging inside a Qwen2-style decoder stack (`Qwen2Model`, and any text model whose layers are called
-as `layer(hidden_states, attention_mask=, position_ids=, past_key_values=, position_embeddings=(cos, sin))` with
-`self_attn.{q,k}_proj`, rotate-half RoPE and a `scaling` attribute; checked on transformers 5.23).
+as `layer(hidden_states, attention_mask=, position_ids=, <cache>=, position_embeddings=(cos, sin))` with
+`self_attn.{q,k}_proj`, rotate-half RoPE and a `scaling` attribute; checked on transformers 5.20 - 5.24; the cache
+keyword's name comes from `illava.compat`).
 
 Prefill, at each merge layer k: the visual tokens of every image/video span are scored by the attention the
 last prompt token pays them in layer k-1 (one query row from that layer's q and k, captured by hooks on the
@@ -22,7 +23,7 @@ import dataclasses
 import torch
 from transformers import DynamicCache
 
-from .. import merge
+from .. import compat, merge
 from ..state import IllavaState
 from ..trace import LanguageTrace
 
@@ -188,7 +189,7 @@ class LanguageModelMerger:
 
     def _before_model(self, module, args, kwargs):
         spans, self.pending_spans = self.pending_spans, []
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_argument(kwargs)
         plan = getattr(cache, CACHE_PLAN_ATTRIBUTE, None) if cache is not None else None
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
@@ -227,7 +228,9 @@ class LanguageModelMerger:
         run, self.run = self.run, None
         if not isinstance(run, _Prefill) or run.layout is None or output is None:
             return output
-        cache = output.past_key_values if output.past_key_values is not None else kwargs.get("past_key_values")
+        cache = compat.output_cache(output)
+        if cache is None:
+            cache = compat.cache_argument(kwargs)
         if cache is not None:
             _attach_plan(cache, CachePlan(prefill_length=run.length, layouts=run.layouts))
         output.last_hidden_state = self._scatter_back(output.last_hidden_state, run.layout, run.length)
@@ -351,7 +354,7 @@ class LanguageModelMerger:
         layout = run.plan.layout_for(layer_index)
         if layout is None:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_argument(kwargs)
         decoded = run.past_length - run.plan.prefill_length
         expected = layout.index.shape[1] + decoded
         if cache is not None and cache.get_seq_length(layer_index) != expected:

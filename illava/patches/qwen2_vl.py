@@ -1,5 +1,5 @@
 """Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`): ViT-stage merging in the packed vision blocks, LLM-stage merging
-in the text model, and M-RoPE positions that follow the survivors. Checked on transformers 5.23.
+in the text model, and M-RoPE positions that follow the survivors. Checked on transformers 5.20 - 5.24.
 
 ViT stage: inside each chosen block (after the attention residual, before the MLP), every `cu_seqlens` segment
 (one image, or one temporal slice of a video: every slice is kept) loses `illava_vit_r` 2x2 windows (an int: windows
@@ -24,8 +24,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLModel,
 )
-from transformers.vision_utils import get_vision_window_index
-
+from .. import compat
 from ..state import IllavaState
 from ..trace import VisionTrace
 from .common import EncoderCall, patch_encoding
@@ -123,7 +122,7 @@ class PackedVision:
         if self.full_attention_blocks is None:
             self.window_index = torch.arange(units, device=device)
             return
-        self.window_index, cu_window_seqlens = get_vision_window_index(
+        self.window_index, cu_window_seqlens = compat.get_vision_window_index(
             grid_thw, spatial_merge_size=side, window_size=self.visual.window_size, patch_size=self.visual.patch_size
         )
         self.window_index = self.window_index.to(device)
@@ -190,7 +189,7 @@ class PackedVision:
     # -- blocks ---------------------------------------------------------------------------------------------
 
     def _merging_forward(self, slot: dict):
-        """`Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock.forward` (transformers 5.0-5.23) with the merge between
+        """`Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock.forward` (transformers 5.20 - 5.24) with the merge between
         attention and MLP."""
 
         def forward(block, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
@@ -295,7 +294,12 @@ def _patch_positions(state: IllavaState, inner, vision: PackedVision) -> None:
             return None
         if prefill["input_ids"].shape[1] != given.shape[-1] or not state.trace.vision:
             return None
-        if prefill["mm_token_type_ids"] is None or not bool(prefill["mm_token_type_ids"].any()):
+        cache = compat.cache_argument(kwargs)
+        if cache is not None and cache.get_seq_length() > 0:  # a decode step or a continued prompt
+            return None
+        token_types = prefill["mm_token_type_ids"]
+        # transformers 5.20 - 5.22 hand the whole prompt's token types to every generate() step
+        if token_types is None or token_types.shape[-1] != given.shape[-1] or not bool(token_types.any()):
             return None
         grids = [prefill[name] if prefill[name] is not None else _grids_of(state.trace.by_modality(modality), vision)
                  for name, modality in (("image_grid_thw", "image"), ("video_grid_thw", "video"))]

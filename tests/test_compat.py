@@ -1,0 +1,88 @@
+"""The version-dependent names of `illava.compat` match the installed transformers, and `apply` warns outside
+the tested window."""
+
+import inspect
+import logging
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
+
+import illava
+from illava import compat
+from illava.tiny_models import tiny_llava_onevision
+
+from .conftest import random_image
+
+
+def test_cache_keyword_is_the_one_the_decoder_takes():
+    for forward in (Qwen2DecoderLayer.forward, Qwen2Model.forward):
+        assert compat.CACHE_KEYWORD in inspect.signature(forward).parameters
+
+
+def test_cache_is_found_under_either_keyword_and_in_outputs(small_ov):
+    model, processor = small_ov
+    inputs = processor(images=[[random_image(56, 56)]], text="<image>hi", return_tensors="pt")
+    with torch.no_grad():
+        output = model(**inputs, use_cache=True)
+    cache = compat.output_cache(output)
+    assert isinstance(cache, transformers.Cache) and cache.get_seq_length() == inputs["input_ids"].shape[1]
+    assert compat.cache_argument({compat.CACHE_KEYWORD: cache}) is cache
+    assert compat.cache_argument({"past_key_values": cache}) is cache  # callers still using the deprecated name
+    assert compat.cache_argument({}) is None
+
+
+def test_image_and_video_features_are_what_the_placeholders_received(small_ov):
+    model, processor = small_ov
+    inputs = processor(images=[[random_image(40, 90)]], text="<image>hi", return_tensors="pt")
+    with torch.no_grad():
+        output = model(**inputs)
+    features = compat.image_features(output)
+    assert features.dim() == 2 and features.shape[0] == int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert compat.video_features(output) is None
+
+
+@pytest.mark.parametrize(
+    "version, tested",
+    [("5.20.0", True), ("5.22.2", True), ("5.24.0", True), ("5.24.9", True), ("5.25.0.dev0", False),
+     ("5.19.9", False), ("5.25.0", False), ("6.0.0", False), ("4.57.1", False)],
+)
+def test_tested_window(version, tested):
+    assert compat.is_tested(version) is tested
+
+
+def test_the_window_is_the_one_pyproject_declares():
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    requirement = next(entry for entry in project["dependencies"] if entry.startswith("transformers"))
+    low, high = re.fullmatch(r"transformers>=([\d.]+),<([\d.]+)", requirement).groups()
+    assert compat.TESTED_LOWEST.startswith(low)
+    newest_major, newest_minor = (int(part) for part in compat.TESTED_NEWEST_MINOR.split("."))
+    assert high == f"{newest_major}.{newest_minor + 1}"
+    assert compat.is_tested(transformers.__version__), "the installed transformers is outside the declared window"
+
+
+def test_apply_warns_once_outside_the_tested_window(monkeypatch, caplog):
+    model, _ = tiny_llava_onevision(image_size=56, vision_layers=2, text_layers=2)
+    monkeypatch.setattr(compat, "_warned", False)
+    monkeypatch.setattr(compat, "installed_version", lambda: "5.31.0")
+    with caplog.at_level(logging.WARNING, logger="illava"):
+        with illava.applied(model, enable_illava_vit=True, illava_vit_k="1", illava_vit_r=2):
+            pass
+        with illava.applied(model, enable_illava_vit=True, illava_vit_k="1", illava_vit_r=2):
+            pass
+    warnings = [record.getMessage() for record in caplog.records if "outside the tested window" in record.getMessage()]
+    assert len(warnings) == 1 and "5.31.0" in warnings[0] and compat.TESTED_WINDOW in warnings[0]
+
+
+def test_apply_is_quiet_inside_the_tested_window(monkeypatch, caplog):
+    model, _ = tiny_llava_onevision(image_size=56, vision_layers=2, text_layers=2)
+    monkeypatch.setattr(compat, "_warned", False)
+    monkeypatch.setattr(compat, "installed_version", lambda: "5.22.2")
+    with caplog.at_level(logging.WARNING, logger="illava"):
+        with illava.applied(model, enable_illava_vit=True, illava_vit_k="1", illava_vit_r=2):
+            pass
+    assert not [record for record in caplog.records if "tested window" in record.getMessage()]
