@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,8 +43,13 @@ def _parse_layers(name: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, int):
         items: list[Any] = [value]
     elif isinstance(value, str):
-        text = value.strip().strip("[]()")
-        items = [part for part in text.replace(",", "-").replace(" ", "-").split("-") if part != ""] if text else []
+        text = value.strip().strip("[]()").strip()
+        items = re.split(r"\s*[-,]\s*|\s+", text) if text else []
+        if "" in items:  # "-1" would otherwise read as layer 1, "2--3" as 2-3
+            raise ValueError(
+                f"{name}={value!r}: a leading, trailing or doubled separator; give 0-based, non-negative layer "
+                "indices separated by '-' or ',' (e.g. 5-6-7-8)"
+            )
     elif isinstance(value, (list, tuple)):
         items = list(value)
     else:

@@ -106,6 +106,8 @@ def test_wrapper_script_runs(workspace):
         (["--input_path", "{root}/image.png", "--enable_illava_vit", "True", "--illava_vit_k", "1-9"],
          r"\[9\] beyond the vision encoder's 4 layers"),
         (["--input_path", "{root}/image.png", "--max_frames_num", "0"], "max_frames_num 0"),
+        (["--input_path", "{root}/image.png", "--enable_illava_vit", "True", "--illava_vit_k=-1"],
+         "illava_vit_k='-1'"),
         (["--input_path", "{root}/image.png", "--mm_spatial_pool_stride", "0"], "mm_spatial_pool_stride 0"),
     ],
 )

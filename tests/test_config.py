@@ -12,7 +12,8 @@ def test_defaults_are_the_paper_image_setting_with_stages_off():
 
 @pytest.mark.parametrize(
     "value, expected",
-    [("5-6-7-8", (5, 6, 7, 8)), ("8", (8,)), (8, (8,)), ([7, 5], (5, 7)), ("5,6", (5, 6)), ((3, 4), (3, 4))],
+    [("5-6-7-8", (5, 6, 7, 8)), ("8", (8,)), (8, (8,)), ([7, 5], (5, 7)), ("5,6", (5, 6)), ((3, 4), (3, 4)),
+     ("5, 6", (5, 6)), ("[5-6]", (5, 6)), (" 5 6 ", (5, 6)), ("5 - 6", (5, 6))],
 )
 def test_layer_lists_parse(value, expected):
     assert IllavaConfig(illava_vit_k=value).illava_vit_k == expected
@@ -61,6 +62,10 @@ def test_keyword_dict_as_lmms_eval_passes_it():
         ({"illava_vit_k": "5-x"}, "'x'"),
         ({"illava_vit_k": "5-5"}, "repeats"),
         ({"illava_vit_k": [-1]}, "-1"),
+        ({"illava_vit_k": "-1"}, "illava_vit_k='-1': a leading"),  # not layer 1
+        ({"illava_llm_k": "2--3"}, "illava_llm_k='2--3': a leading, trailing or doubled"),  # not 2-3
+        ({"illava_vit_k": "5-6-"}, "illava_vit_k='5-6-'"),
+        ({"illava_vit_k": "5,,6"}, "illava_vit_k='5,,6'"),
         ({"enable_illava_vit": "maybe"}, "enable_illava_vit='maybe'"),
         ({"enable_illava_llm": True, "illava_llm_k": "0-8"}, "layer 0"),
         ({"enable_illava_vit": True, "illava_vit_k": ""}, "illava_vit_k names no layer"),
