@@ -125,6 +125,24 @@ def test_survivors_keep_their_true_mrope_positions(qwen):
         assert torch.equal(model.model.rope_deltas, full_deltas + (full_ids.numel() - ids.numel()))
 
 
+@pytest.mark.parametrize("options", [dict(num_beams=2, num_return_sequences=2), dict(num_return_sequences=2, do_sample=True)])
+def test_generate_that_repeats_rows_gives_each_row_the_prompts_positions(qwen, options):
+    model, processor = qwen
+    with illava.applied(model, processor=processor, **VIT):
+        inputs = encode(processor, [random_image(100, 150)], [random_video(4, 84, 112)])
+        seen, handle = capture_positions(model)
+        try:
+            model(**inputs)
+            alone = seen["position_ids"][-3:]
+            torch.manual_seed(0)
+            output = model.generate(**inputs, max_new_tokens=2, **options)
+        finally:
+            handle.remove()
+    assert output.shape[0] == 2
+    repeated = seen["position_ids"][-3:]
+    assert repeated.shape[1] == 2 and torch.equal(repeated, alone.expand(-1, 2, -1))
+
+
 @pytest.mark.parametrize(
     "backend, model_class",
     [("eager", "Qwen2VLForConditionalGeneration"), ("sdpa", "Qwen2VLForConditionalGeneration"),

@@ -304,16 +304,41 @@ def _patch_positions(state: IllavaState, inner, vision: PackedVision) -> None:
         grids = [prefill[name] if prefill[name] is not None else _grids_of(state.trace.by_modality(modality), vision)
                  for name, modality in (("image_grid_thw", "image"), ("video_grid_thw", "video"))]
         extra = {"second_per_grid_ts": prefill["second_per_grid_ts"]} if prefill["second_per_grid_ts"] is not None else {}
+        repeat = _row_repeat(prefill["input_ids"], token_types, grids)
+        attention_mask = prefill["attention_mask"]
         positions, _ = inner.get_rope_index(
-            prefill["input_ids"], prefill["mm_token_type_ids"], *grids, attention_mask=prefill["attention_mask"],
-            **extra,
+            prefill["input_ids"][::repeat], token_types[::repeat], *grids,
+            attention_mask=None if attention_mask is None else attention_mask[::repeat], **extra,
         )
+        positions = positions.repeat_interleave(repeat, dim=1)
         kwargs["position_ids"] = torch.cat((given[:1], positions), dim=0) if given.shape[0] == 4 else positions
         return args, kwargs
 
     state.add_hook(inner.register_forward_pre_hook(remember_inputs, with_kwargs=True))
     state.add_hook(inner.language_model.register_forward_pre_hook(fix_positions, with_kwargs=True))
     state.override_method(inner, "get_rope_index", get_rope_index)
+
+
+def _row_repeat(input_ids: torch.Tensor, token_types: torch.Tensor, grids) -> int:
+    """How many times generate() repeated each prompt row (num_beams, num_return_sequences): it encodes the images
+    of each prompt once and repeats the rows after, so the grids cover every `repeat`-th row only."""
+    repeats = set()
+    for value, grid in zip(MODALITY_OF_TOKEN_TYPE, grids):
+        is_item = token_types == value
+        runs = int((is_item[:, :1].sum() + (is_item[:, 1:] & ~is_item[:, :-1]).sum()))
+        items = 0 if grid is None else int(grid.shape[0])
+        if runs:
+            repeats.add(runs // items if items and runs % items == 0 else 0)
+    repeat = repeats.pop() if len(repeats) == 1 else 0
+    batch = input_ids.shape[0]
+    if repeat >= 1 and batch % repeat == 0:
+        groups = input_ids.view(batch // repeat, repeat, -1)
+        if repeat == 1 or bool((groups == groups[:, :1]).all()):
+            return repeat
+    raise ValueError(
+        "illava: the image/video placeholders of the batch do not match image_grid_thw / video_grid_thw (neither "
+        "one grid per item of every row, nor per prompt repeated by generate()); pass a grid for every item"
+    )
 
 
 def _grids_of(entries: list[VisionTrace], vision: PackedVision) -> torch.Tensor | None:
