@@ -42,6 +42,8 @@ def apply(model, config: IllavaConfig | Mapping[str, Any] | None = None, process
     family = find_family(model)
     state = IllavaState(config)
     try:
+        if processor is not None:
+            _claim_processor(state, family, model, processor)
         family.apply(state, model, processor)
     except BaseException:
         state.undo()
@@ -49,6 +51,38 @@ def apply(model, config: IllavaConfig | Mapping[str, Any] | None = None, process
     setattr(model, STATE_ATTRIBUTE, state)
     logger.debug("illava applied to %s: %s", type(model).__name__, config)
     return model
+
+
+PROCESSOR_OWNER_ATTRIBUTE = "_illava_patched_for"
+
+
+def _claim_processor(state: IllavaState, family, model, processor) -> None:
+    """One processor serves one patched model (its placeholder counts follow that model's settings), is saved
+    as it was before `apply`, and must be the kind of processor the model uses."""
+    expected = getattr(family, "PROCESSOR_CLASS_NAMES", None)
+    if expected is None:  # the family leaves processors alone
+        return
+    if type(processor).__name__ not in expected:
+        raise ValueError(
+            f"illava: this processor ({type(processor).__name__}) does not belong to this model "
+            f"({type(model).__name__}, which uses {' or '.join(expected)}); pass the processor loaded from the "
+            "model's own checkpoint"
+        )
+    owner = processor.__dict__.get(PROCESSOR_OWNER_ATTRIBUTE)
+    if owner is not None:
+        raise RuntimeError(
+            f"illava: this processor is already patched by illava.apply for another model ({owner}); give each "
+            "patched model its own processor (copy.deepcopy(processor)) or illava.remove the other model first"
+        )
+    state.set_attribute(processor, PROCESSOR_OWNER_ATTRIBUTE, f"{type(model).__name__} at {id(model):#x}")
+
+    def as_before_apply(self, original, *args, **kwargs):
+        with state.unpatched(self):
+            return original(*args, **kwargs)
+
+    for name in ("save_pretrained", "to_dict"):  # what saving and printing the processor read
+        if hasattr(processor, name):
+            state.override_method(processor, name, as_before_apply)
 
 
 def remove(model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from collections.abc import Callable
@@ -39,6 +40,22 @@ class IllavaState:
 
         self.set_attribute(obj, name, types.MethodType(method, obj))
 
+    @contextlib.contextmanager
+    def unpatched(self, obj: Any):
+        """Inside the block, `obj` has the instance attributes it had before `apply` (e.g. to save it as it was)."""
+        originals: dict[str, Any] = {}
+        for owner, name, previous in self._attributes:
+            if owner is obj and name not in originals:
+                originals[name] = previous
+        current = {name: obj.__dict__[name] for name in originals if name in obj.__dict__}
+        for name, previous in originals.items():
+            _restore(obj, name, previous)
+        try:
+            yield obj
+        finally:
+            for name, value in current.items():
+                setattr(obj, name, value)
+
     def add_hook(self, handle: Any) -> None:
         self._hooks.append(handle)
 
@@ -46,9 +63,13 @@ class IllavaState:
         for handle in reversed(self._hooks):
             handle.remove()
         for obj, name, previous in reversed(self._attributes):
-            if previous is _MISSING:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, previous)
+            _restore(obj, name, previous)
         self._hooks.clear()
         self._attributes.clear()
+
+
+def _restore(obj: Any, name: str, previous: Any) -> None:
+    if previous is _MISSING:
+        obj.__dict__.pop(name, None)
+    else:
+        setattr(obj, name, previous)

@@ -29,6 +29,7 @@ from .qwen2 import LanguageModelMerger
 from .siglip import patch_siglip_vision_model
 
 MODEL_CLASSES = (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)
+PROCESSOR_CLASS_NAMES = ("LlavaOnevisionProcessor",)
 
 
 def video_tokens_per_frame(tokens: int, stride: int = 2) -> int:

@@ -32,6 +32,7 @@ from .packed import PackedRun, merge_packed
 from .qwen2 import LanguageModelMerger, _rotate
 
 MODEL_CLASSES = (Qwen2VLForConditionalGeneration, Qwen2VLModel, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel)
+PROCESSOR_CLASS_NAMES = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 MODALITY_OF_TOKEN_TYPE = {1: "image", 2: "video"}
 
 

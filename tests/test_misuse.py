@@ -1,0 +1,80 @@
+"""What a careless or hostile caller does to a patched model and its processor: each either works as documented
+or fails with an error naming the problem; nothing leaves bad state behind."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoProcessor
+
+import illava
+from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
+
+from .conftest import logits_of, random_image
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+OV_VIT = dict(enable_illava_vit=True, illava_vit_k="1-2", illava_vit_r=3)
+QWEN_VIT = dict(enable_illava_vit=True, illava_vit_k="2-3", illava_vit_r=3)
+
+
+@pytest.fixture(scope="module")
+def ov():
+    return tiny_llava_onevision(image_size=56, vision_layers=6)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_qwen2_vl()
+
+
+def ov_prompt(processor, image):
+    return processor(images=[[image]], text="<image>describe", return_tensors="pt")
+
+
+def qwen_prompt(processor, image):
+    return processor(images=[image], text=IMAGE + "describe", return_tensors="pt")
+
+
+# -- processors --------------------------------------------------------------------------------------------
+
+
+def test_a_processor_saved_while_applied_is_the_original(ov, tmp_path):
+    model, processor = ov
+    image = random_image(40, 90)
+    baseline = logits_of(model, ov_prompt(processor, image))
+    with illava.applied(model, processor=processor, **OV_VIT):
+        processor.save_pretrained(tmp_path)
+        assert processor.num_image_tokens < 16  # still patched after saving
+        assert processor.to_dict()["num_image_tokens"] == 16  # what printing and saving read
+    saved = AutoProcessor.from_pretrained(tmp_path)
+    assert saved.num_image_tokens == 16
+    assert torch.equal(logits_of(model, ov_prompt(saved, image)), baseline)  # the clean model accepts its prompts
+
+
+def test_a_processor_serves_one_patched_model_at_a_time(qwen):
+    model, processor = qwen
+    other, _ = tiny_qwen2_vl(seed=1)
+    with illava.applied(model, processor=processor, **QWEN_VIT):
+        with pytest.raises(RuntimeError, match="already patched by illava.apply for another model"):
+            illava.apply(other, processor=processor, **QWEN_VIT)
+        assert not illava.is_applied(other)
+        assert "replace_image_token" in vars(processor)  # the failed apply left the first patch in place
+    assert "replace_image_token" not in vars(processor) and "_illava_patched_for" not in vars(processor)
+    # two models with a processor each, removed in either order: nothing stays patched
+    second_processor = copy.deepcopy(processor)
+    illava.apply(model, processor=processor, **QWEN_VIT)
+    illava.apply(other, processor=second_processor, **QWEN_VIT)
+    illava.remove(model)
+    illava.remove(other)
+    for each in (processor, second_processor):
+        assert not vars(each).keys() & {"replace_image_token", "replace_video_token", "save_pretrained"}
+
+
+def test_the_wrong_processor_for_the_model_is_named(ov, qwen):
+    (ov_model, ov_processor), (qwen_model, qwen_processor) = ov, qwen
+    with pytest.raises(ValueError, match=r"Qwen2VLProcessor\) does not belong to this model \(Llava"):
+        illava.apply(ov_model, processor=qwen_processor, **OV_VIT)
+    with pytest.raises(ValueError, match=r"LlavaOnevisionProcessor\) does not belong to this model \(Qwen2VL"):
+        illava.apply(qwen_model, processor=ov_processor, **QWEN_VIT)
+    assert not illava.is_applied(ov_model) and not illava.is_applied(qwen_model)
+    assert ov_processor.num_image_tokens == 16 and "_illava_patched_for" not in vars(ov_processor)
