@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -48,6 +50,9 @@ def apply(model, config: IllavaConfig | Mapping[str, Any] | None = None, process
     except BaseException:
         state.undo()
         raise
+    state.processor = processor
+    # copy.deepcopy looks `__deepcopy__` up on the instance: a copy must get patches of its own
+    state.set_attribute(model, "__deepcopy__", functools.partial(_deepcopy_patched, model))
     setattr(model, STATE_ATTRIBUTE, state)
     logger.debug("illava applied to %s: %s", type(model).__name__, config)
     return model
@@ -83,6 +88,19 @@ def _claim_processor(state: IllavaState, family, model, processor) -> None:
     for name in ("save_pretrained", "to_dict"):  # what saving and printing the processor read
         if hasattr(processor, name):
             state.override_method(processor, name, as_before_apply)
+
+
+def _deepcopy_patched(model, memo):
+    """An independent patched copy: copy the unpatched model, then patch the copy and the original again (the
+    original keeps its trace and processor; the copy gets the same settings and no processor)."""
+    state = getattr(model, STATE_ATTRIBUTE)
+    remove(model)
+    try:
+        duplicate = copy.deepcopy(model, memo)
+    finally:
+        apply(model, state.config, processor=state.processor)
+        getattr(model, STATE_ATTRIBUTE).trace = state.trace
+    return apply(duplicate, state.config)
 
 
 def remove(model):

@@ -21,6 +21,7 @@ class IllavaState:
     def __init__(self, config: IllavaConfig):
         self.config = config
         self.trace = IllavaTrace()
+        self.processor: Any = None  # the processor passed to apply, if any
         self._hooks: list[Any] = []
         self._attributes: list[tuple[Any, str, Any]] = []
 

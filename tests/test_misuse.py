@@ -78,3 +78,27 @@ def test_the_wrong_processor_for_the_model_is_named(ov, qwen):
         illava.apply(qwen_model, processor=ov_processor, **QWEN_VIT)
     assert not illava.is_applied(ov_model) and not illava.is_applied(qwen_model)
     assert ov_processor.num_image_tokens == 16 and "_illava_patched_for" not in vars(ov_processor)
+
+
+# -- copies ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["ov", "qwen"])
+def test_a_deep_copy_is_an_independent_patched_model(family, request):
+    model, processor = request.getfixturevalue(family)
+    options = dict(OV_VIT if family == "ov" else QWEN_VIT, enable_illava_llm=True, illava_llm_k="2", illava_llm_r=0.5)
+    build = ov_prompt if family == "ov" else qwen_prompt
+    with illava.applied(model, processor=processor, **options):
+        first, second = build(processor, random_image(100, 150)), build(processor, random_image(90, 120, seed=1))
+        original_logits = logits_of(model, first)
+        original_trace = illava.last_trace(model)
+        duplicate = copy.deepcopy(model)
+        assert illava.is_applied(model) and illava.is_applied(duplicate)
+        assert illava.last_trace(model) is original_trace  # copying lost nothing
+        assert torch.equal(logits_of(duplicate, first), original_logits)
+        assert illava.last_trace(model) is original_trace  # the copy's forward wrote its own trace
+        assert illava.last_trace(duplicate) is not original_trace
+        logits_of(duplicate, second)
+        illava.remove(duplicate)
+        assert torch.equal(logits_of(model, first), original_logits)  # the original is still patched
+    assert not illava.is_applied(model) and "__deepcopy__" not in vars(model)
