@@ -167,6 +167,28 @@ def test_cached_generation_equals_cache_free_replay(ov, monkeypatch):
     assert torch.equal(recomputed.argmax(-1), tokens)
 
 
+def test_generate_without_cache_gives_the_cached_answer(ov):
+    """generate(use_cache=False) re-runs the whole sequence every step; it must merge as the cached prefill did
+    (scored by the last prompt token), not re-score by the newest generated token."""
+    model, processor = ov
+    batch = encode(processor, mixed_batch(processor)[:3])
+    with illava.applied(model, illava_llm_k="2-4", illava_llm_r=0.6, processor=processor, **LLM):
+        cached_tokens, cached_logits = greedy(model, batch, steps=6)
+        cached_layouts = illava.last_trace(model).language
+        out = model.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, use_cache=False)
+        free_layouts = illava.last_trace(model).language
+    prompt_length = batch["input_ids"].shape[1]
+    assert torch.equal(out.sequences[:, prompt_length:], cached_tokens)
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), cached_logits, rtol=1e-4, atol=1e-4)
+    # the last cache-free step kept the same prompt positions, plus every generated token
+    for cached, free in zip(cached_layouts, free_layouts):
+        for row in range(batch["input_ids"].shape[0]):
+            kept = free.kept_positions(row)
+            assert torch.equal(kept[kept < prompt_length], cached.kept_positions(row))
+            assert bool((kept >= prompt_length).sum() == out.sequences.shape[1] - 1 - prompt_length)
+
+
 def test_continuing_from_returned_cache(ov, monkeypatch):
     model, processor = ov
     replay = ScoreReplay(monkeypatch)

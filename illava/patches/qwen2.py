@@ -122,9 +122,13 @@ def slice_mask(mask, rows, row_original, row_is_padding, columns, column_valid, 
 class _Prefill:
     """Per-forward state of a prefill that merges."""
 
-    def __init__(self, span: torch.Tensor, key_mask: torch.Tensor | None, track_sources: bool):
+    def __init__(self, span: torch.Tensor, key_mask: torch.Tensor | None, track_sources: bool,
+                 prompt_length: int | None = None):
         batch, length = span.shape
         self.length = length
+        # generate(use_cache=False) re-runs the prompt with the tokens generated so far appended; scoring by the
+        # last *prompt* token (and only the keys it sees) merges exactly as the cached prefill did
+        self.prompt_length = prompt_length if prompt_length is not None and prompt_length < length else None
         self.initial_span = span
         self.key_mask = key_mask  # [B, L] bool from the 2-D attention mask, or None
         self.layout: Layout | None = None
@@ -143,9 +147,13 @@ class _Prefill:
         return Layout(index=index, valid=torch.ones_like(index, dtype=torch.bool), span=self.initial_span)
 
     def attendable(self, layout: Layout) -> torch.Tensor:
-        if self.key_mask is None:
-            return layout.valid
-        return layout.valid & self.key_mask.gather(1, layout.index)
+        """Slots the scoring query may attend to (and the query is the last of them)."""
+        attendable = layout.valid
+        if self.key_mask is not None:
+            attendable = attendable & self.key_mask.gather(1, layout.index)
+        if self.prompt_length is not None:
+            attendable = attendable & (layout.index < self.prompt_length)
+        return attendable
 
 
 class _Continuation:
@@ -167,6 +175,7 @@ class LanguageModelMerger:
         self.language_model = language_model
         self.merge_layers = set(self.config.illava_llm_k)
         self.pending_spans: list[torch.Tensor] = []  # [B, L] span ids per modality, set before the forward
+        self.prompt_length: int | None = None  # of the generate() call running now
         self.run: _Prefill | _Continuation | None = None
         implementation = language_model.config._attn_implementation
         if implementation not in SUPPORTED_ATTENTION:
@@ -184,6 +193,21 @@ class LanguageModelMerger:
                 attention = layer.self_attn
                 state.add_hook(attention.q_proj.register_forward_hook(self._capture_query))
                 state.add_hook(attention.k_proj.register_forward_hook(self._capture_key))
+
+    def follow_generate(self, model) -> None:
+        """Remember the prompt length while `model.generate` runs (see `_Prefill.prompt_length`)."""
+
+        def generate(module, original, *args, **kwargs):
+            prompt = kwargs.get("input_ids", args[0] if args else None)
+            if prompt is None:
+                prompt = kwargs.get("inputs_embeds")
+            outer, self.prompt_length = self.prompt_length, None if prompt is None else int(prompt.shape[1])
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.prompt_length = outer
+
+        self.state.override_method(model, "generate", generate)
 
     # -- per forward ---------------------------------------------------------------------------------------
 
@@ -209,7 +233,7 @@ class LanguageModelMerger:
                 )
             attention_mask = kwargs.get("attention_mask")
             key_mask = attention_mask.bool() if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-            self.run = _Prefill(span, key_mask, self.config.illava_track_llm_source)
+            self.run = _Prefill(span, key_mask, self.config.illava_track_llm_source, self.prompt_length)
             self.state.trace.language = []
         elif plan is not None:
             self.run = _Continuation(plan, past_length, embeds.shape[1])
