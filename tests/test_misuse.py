@@ -27,6 +27,11 @@ def qwen():
     return tiny_qwen2_vl()
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-equal, NaN (positions merged away by the LLM stage) included."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
 def ov_prompt(processor, image):
     return processor(images=[[image]], text="<image>describe", return_tensors="pt")
 
@@ -95,10 +100,42 @@ def test_a_deep_copy_is_an_independent_patched_model(family, request):
         duplicate = copy.deepcopy(model)
         assert illava.is_applied(model) and illava.is_applied(duplicate)
         assert illava.last_trace(model) is original_trace  # copying lost nothing
-        assert torch.equal(logits_of(duplicate, first), original_logits)
+        assert same(logits_of(duplicate, first), original_logits)
         assert illava.last_trace(model) is original_trace  # the copy's forward wrote its own trace
         assert illava.last_trace(duplicate) is not original_trace
         logits_of(duplicate, second)
         illava.remove(duplicate)
-        assert torch.equal(logits_of(model, first), original_logits)  # the original is still patched
+        assert same(logits_of(model, first), original_logits)  # the original is still patched
     assert not illava.is_applied(model) and "__deepcopy__" not in vars(model)
+
+
+# -- outputs at positions the LLM stage merged away --------------------------------------------------------
+
+LLM = dict(enable_illava_llm=True, illava_llm_k="2", illava_llm_r=0.3)
+
+
+def test_every_readable_output_is_computed_or_loudly_missing(ov):
+    model, processor = ov
+    inputs = ov_prompt(processor, random_image(40, 90))
+    is_visual = inputs["input_ids"][0] == model.config.image_token_id
+    last_visual = int(is_visual.nonzero()[-1])
+    with illava.applied(model, processor=processor, **LLM):
+        logits = logits_of(model, inputs)[0]
+        kept = set(illava.last_trace(model).language[0].kept_positions(0).tolist())
+    merged_away = sorted(set(range(logits.shape[0])) - kept)
+    assert merged_away and all(is_visual[position] for position in merged_away)
+    assert bool(logits[merged_away].isnan().all())  # never a plausible number such as a uniform distribution
+    assert last_visual in kept and bool(logits[last_visual].isfinite().all())  # predicts the text after the image
+    assert bool(logits[~is_visual].isfinite().all())
+
+
+def test_labels_on_text_give_a_finite_loss_and_labels_on_merged_tokens_are_refused(ov):
+    model, processor = ov
+    inputs = ov_prompt(processor, random_image(40, 90))
+    text_labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    with illava.applied(model, processor=processor, **LLM):
+        with torch.no_grad():
+            loss = model(**inputs, labels=text_labels).loss
+            assert bool(loss.isfinite())
+            with pytest.raises(ValueError, match=r"labels need the logits at \d+ position\(s\) that LLM-stage merging"):
+                model(**inputs, labels=inputs["input_ids"])

@@ -176,6 +176,7 @@ class LanguageModelMerger:
         self.merge_layers = set(self.config.illava_llm_k)
         self.pending_spans: list[torch.Tensor] = []  # [B, L] span ids per modality, set before the forward
         self.prompt_length: int | None = None  # of the generate() call running now
+        self.labels: torch.Tensor | None = None  # of the model forward running now
         self.run: _Prefill | _Continuation | None = None
         implementation = language_model.config._attn_implementation
         if implementation not in SUPPORTED_ATTENTION:
@@ -194,8 +195,14 @@ class LanguageModelMerger:
                 state.add_hook(attention.q_proj.register_forward_hook(self._capture_query))
                 state.add_hook(attention.k_proj.register_forward_hook(self._capture_key))
 
-    def follow_generate(self, model) -> None:
-        """Remember the prompt length while `model.generate` runs (see `_Prefill.prompt_length`)."""
+    def follow_model(self, model) -> None:
+        """Watch the calls of the whole model: the prompt length while `generate` runs (see
+        `_Prefill.prompt_length`), and the `labels` of a forward (checked against the merged-away positions)."""
+
+        def remember_labels(module, args, kwargs):
+            self.labels = kwargs.get("labels")
+
+        self.state.add_hook(model.register_forward_pre_hook(remember_labels, with_kwargs=True))
 
         def generate(module, original, *args, **kwargs):
             prompt = kwargs.get("input_ids", args[0] if args else None)
@@ -252,6 +259,9 @@ class LanguageModelMerger:
         run, self.run = self.run, None
         if not isinstance(run, _Prefill) or run.layout is None or output is None:
             return output
+        labels, self.labels = self.labels, None
+        if labels is not None:
+            _check_labels_are_kept(labels, run.layout)
         cache = compat.output_cache(output)
         if cache is None:
             cache = compat.cache_argument(kwargs)
@@ -262,8 +272,9 @@ class LanguageModelMerger:
 
     @staticmethod
     def _scatter_back(hidden: torch.Tensor, layout: Layout, length: int) -> torch.Tensor:
-        """`[B, L', D]` -> `[B, L, D]` at the original positions; merged-away positions hold zeros."""
-        full = hidden.new_zeros(hidden.shape[0], length, hidden.shape[-1])
+        """`[B, L', D]` -> `[B, L, D]` at the original positions. Merged-away positions have no output: they
+        hold NaN, so that reading one is loud, never a plausible number."""
+        full = hidden.new_full((hidden.shape[0], length, hidden.shape[-1]), float("nan"))
         batch_index, slot = layout.valid.nonzero(as_tuple=True)
         full[batch_index, layout.index[batch_index, slot]] = hidden[batch_index, slot]
         return full
@@ -322,6 +333,9 @@ class LanguageModelMerger:
     def _merge(self, run: _Prefill, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         layout = run.current()
         scores = self._scores(run, layer_index)
+        # The last visual token of a span predicts the text after it (a caller's loglikelihood reads that logit):
+        # it always survives, as its own token or as the one its group merges into.
+        scores = scores.masked_fill(_last_of_each_span(layout.span), torch.finfo(scores.dtype).max)
         result = merge.merge_spans(hidden, scores, layout.span, self.config.llm_tokens_removed)
         keep = result.keep & layout.valid
         if bool(keep[layout.valid].all()):
@@ -405,6 +419,29 @@ class LanguageModelMerger:
             )
         kwargs["attention_mask"] = run.masks[key]
         return args, kwargs
+
+
+def _last_of_each_span(span: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` True at the last slot of every span (spans are contiguous runs of one id)."""
+    following = torch.nn.functional.pad(span[:, 1:], (0, 1), value=-1)
+    return (span >= 0) & (following != span)
+
+
+def _check_labels_are_kept(labels: torch.Tensor, layout: Layout) -> None:
+    """A loss reads the logits at position i for the label at i+1: those positions must have survived."""
+    batch, length = labels.shape
+    kept = torch.zeros(batch, length, dtype=torch.bool, device=layout.index.device)
+    rows, slots = layout.valid.nonzero(as_tuple=True)
+    kept[rows, layout.index[rows, slots]] = True
+    read = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False).to(kept.device)
+    missing = (read & ~kept).nonzero()
+    if missing.numel():
+        row, position = (int(value) for value in missing[0])
+        raise ValueError(
+            f"illava: the labels need the logits at {missing.shape[0]} position(s) that LLM-stage merging merged away "
+            f"(first: row {row}, position {position}, a visual token); set the labels of image/video placeholder "
+            "tokens to -100 (only the text after each image/video can be scored), or turn the LLM stage off"
+        )
 
 
 def _compact(layout: Layout, keep: torch.Tensor) -> tuple[Layout, torch.Tensor]:
