@@ -47,16 +47,16 @@ def load_visual(path: str, max_frames: int) -> Visual:
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise CliError(f"--input_path {path!r} is a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return Visual("images", [_open_image(file) for file in files])
+        return Visual("images", [open_image(file) for file in files])
     if source.suffix.lower() in VIDEO_SUFFIXES:
         return Visual("video", [load_video(source, max_frames)])
     try:
-        return Visual("image", [_open_image(source)])
+        return Visual("image", [open_image(source)])
     except (UnidentifiedImageError, OSError) as error:
         raise CliError(f"--input_path {path!r} is neither a readable image nor a video ({error})") from None
 
 
-def _open_image(path: Path):
+def open_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 
     try:

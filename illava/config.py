@@ -162,6 +162,15 @@ class IllavaConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def summary(self) -> str:
+        """One line with the effective settings, for harness logs."""
+        layers = "-".join
+        vit = (f"ViT stage on (layers {layers(map(str, self.illava_vit_k))}, r={self.illava_vit_r})"
+               if self.enable_illava_vit else "ViT stage off")
+        llm = (f"LLM stage on (layers {layers(map(str, self.illava_llm_k))}, r={self.illava_llm_r})"
+               if self.enable_illava_llm else "LLM stage off")
+        return f"{vit}; {llm}"
+
     # -- token arithmetic shared by the patches and the processor side -------------------------------------
 
     def vit_tokens_removed(self, current: int) -> int:

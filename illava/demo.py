@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import CliError, Visual, infer, load_model, load_video, question_text
+from .cli import CliError, Visual, infer, load_model, load_video, open_image, question_text
 from .config import IllavaConfig
 from .default_model import EXAMPLE_QUESTION, SUGGESTED_SETTINGS
 
@@ -59,13 +59,11 @@ class DemoSession:
 
     @staticmethod
     def _visual(image_paths, video_path, max_frames: int) -> Visual:
-        from PIL import Image
-
         if video_path:
             return Visual("video", [load_video(Path(video_path), max_frames)])
         if not image_paths:
             raise CliError("give an image, several images, or a video")
-        images = [Image.open(path).convert("RGB") for path in image_paths]
+        images = [open_image(Path(path)) for path in image_paths]
         return Visual("image" if len(images) == 1 else "images", images)
 
 

@@ -41,3 +41,13 @@ def test_page_builds_when_gradio_is_installed(session):
     from illava.demo import build_app
 
     assert build_app(session) is not None
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_an_unreadable_file_is_named_on_the_page(session, tmp_path, kind):
+    broken = tmp_path / ("broken.png" if kind == "image" else "broken.mp4")
+    broken.write_bytes(b"not a picture")
+    images, video = ([str(broken)], None) if kind == "image" else (None, str(broken))
+    answer, report, heatmaps = session.handle(images, video, "hi", "1-2", "3", "2", "0.5", True, True)
+    assert answer == "" and heatmaps == []
+    assert f"cannot {'read image' if kind == 'image' else 'decode video'}" in report and "broken" in report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -117,7 +118,7 @@ def run_lmms_eval(model: str, model_args: str, batch_size: int, output: Path, tm
         task: [json.loads(line) for line in next(output.glob(f"*/*_samples_{task}.jsonl")).read_text().splitlines()]
         for task in TASKS
     }
-    return {"results": json.loads(results[0].read_text())["results"], "samples": samples}
+    return {"results": json.loads(results[0].read_text())["results"], "samples": samples, "log": log}
 
 
 @needs_lmms_eval
@@ -138,6 +139,8 @@ def run_lmms_eval(model: str, model_args: str, batch_size: int, output: Path, tm
 def test_lmms_eval_cli(checkpoints, tmp_path, model, checkpoint, extra, batch_size, merged):
     run = run_lmms_eval(model, f"pretrained={checkpoints[checkpoint]},{extra}", batch_size, tmp_path / "logs", tmp_path)
     assert set(run["results"]) == set(TASKS)
+    # the console says whether merging is on (lmms-eval shows its loguru logger only)
+    assert re.search(r"iLLaVA on \w+ForConditionalGeneration: ViT stage " + ("on" if merged else "off"), run["log"])
     assert run["results"]["illava_tiny_rounds"]["rounds,none"] == 2.0
     assert 0.0 <= run["results"]["illava_tiny_mc"]["acc,none"] <= 1.0
     for task, samples in run["samples"].items():
@@ -229,6 +232,15 @@ def test_original_llava_next_checkpoint_is_refused_with_conversion_hint(tmp_path
     )
     with pytest.raises(ValueError, match="convert_llava_onevision_weights_to_hf"):
         LlavaOneVisionTrainingFree(pretrained=str(tmp_path), device_map="cpu")
+
+
+@needs_lmms_eval
+@pytest.mark.parametrize("name", ["/no/such/checkpoint", "./missing-folder", "not a path or hub id"])
+def test_a_checkpoint_that_does_not_exist_is_named(name):
+    from illava.integrations.lmms_eval import LlavaOneVisionTrainingFree
+
+    with pytest.raises(ValueError, match=f"pretrained={re.escape(repr(name))} does not exist"):
+        LlavaOneVisionTrainingFree(pretrained=name, device_map="cpu")
 
 
 @needs_lmms_eval

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from loguru import logger as eval_logger
 from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.models.model_utils.load_video import read_video
@@ -30,6 +31,7 @@ from transformers import PretrainedConfig
 import illava
 
 from ..config import IllavaConfig
+from .checkpoints import check_checkpoint
 from .report import merge_reports
 
 logger = logging.getLogger(__name__)
@@ -58,7 +60,13 @@ class MergeReport(TokenCounts):
 
 def _checkpoint_type(pretrained: str) -> str:
     """`model_type` from the checkpoint's config.json, refusing the original LLaVA-NeXT format by name."""
-    config, _ = PretrainedConfig.get_config_dict(pretrained)
+    check_checkpoint(pretrained, "pretrained")
+    try:
+        config, _ = PretrainedConfig.get_config_dict(pretrained)
+    except OSError as error:
+        raise ValueError(
+            f"pretrained={pretrained!r} is not a local folder and could not be loaded as a hub repo: {error}"
+        ) from None
     if "mm_vision_tower" in config:
         raise ValueError(CONVERT_HINT.format(path=pretrained))
     return str(config.get("model_type", ""))
@@ -115,7 +123,8 @@ class _IllavaRequests:
         self._frames = frames  # frames sampled per video
         processor.tokenizer.padding_side = "left"  # batched generation continues every row at the same column
         illava.apply(self.model, config, processor=processor)
-        logger.info("iLLaVA applied to %s: %s", type(self.model).__name__, config)
+        # lmms-eval's console shows its loguru logger, not the logging module's
+        eval_logger.info(f"iLLaVA on {type(self.model).__name__}: {config.summary()}")
 
     # -- prompts and inputs -----------------------------------------------------------------------------------
 
