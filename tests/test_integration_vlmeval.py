@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import json
 import os
 import subprocess
 import sys
@@ -77,4 +78,37 @@ def test_launcher_runs_vlmevalkit_on_a_tiny_checkpoint(tmp_path):
     scores = list(work.glob(f"{MODEL}/*/{MODEL}_{DATASET}_acc.csv"))
     assert completed.returncode == 0 and predictions and scores, log[-6000:]
     assert log.count("iLLaVA visual tokens per stage") == 4, log[-6000:]
+    settings = json.loads((work / MODEL / "illava_settings.json").read_text())  # recorded with the results
+    assert settings["model_path"] == str(checkpoint) and settings["illava"]["illava_vit_k"] == [12, 13, 14, 15]
     assert "'vit_layer_15'" in log and "'llm_layer_8'" in log
+
+
+needs_vlmeval = pytest.mark.skipif(not HAS_VLMEVAL, reason="VLMEvalKit is not installed (a source checkout, pip install -e)")
+
+
+@needs_vlmeval
+def test_model_args_are_checked_before_any_model_loads(tmp_path):
+    from illava.integrations.vlmeval import entries
+
+    with pytest.raises(ValueError, match=r"\['enable_illava_llm'\] are iLLaVA options; put them under \"illava_options\""):
+        entries(None, {"enable_illava_llm": False})
+    with pytest.raises(ValueError, match="illava_vit_r=1.0"):
+        entries(None, {"illava_options": {"illava_vit_r": 1.0}})
+    with pytest.raises(ValueError, match="--model-path='/no/such/folder' does not exist"):
+        entries("/no/such/folder")
+    # illava_options update the entry's settings instead of replacing them
+    options = entries(str(tmp_path), {"illava_options": {"enable_illava_llm": False}})[MODEL].keywords["illava_options"]
+    assert options["enable_illava_llm"] is False and options["illava_vit_k"] == "12-13-14-15"
+
+
+@needs_vlmeval
+def test_settings_are_recorded_and_a_work_dir_with_other_settings_is_refused(tmp_path):
+    from illava.integrations.vlmeval import entries, record_settings
+
+    arguments = ["--model", MODEL, "--data", DATASET, "--work-dir", str(tmp_path)]
+    record_settings(entries(str(tmp_path)), arguments)
+    recorded = json.loads((tmp_path / MODEL / "illava_settings.json").read_text())
+    assert recorded["illava"]["enable_illava_llm"] is True
+    record_settings(entries(str(tmp_path)), arguments)  # the same settings again: fine
+    with pytest.raises(SystemExit, match="holds results of .* made with other settings"):
+        record_settings(entries(str(tmp_path), {"illava_options": {"enable_illava_llm": False}}), arguments)

@@ -6,7 +6,9 @@
 VLMEvalKit has no plugin mechanism: the launcher adds the entries of `MODELS` to `supported_VLM` and then runs
 VLMEvalKit's own `run.py` (beside the `vlmeval` package of a source checkout) in this process, with the remaining
 arguments. `--model-path` points the iLLaVA models at another checkpoint (a local copy, a tiny test model) and
-`--model-args '{"max_new_tokens": 16}'` overrides their `IllavaChat` keywords. VLMEvalKit's own wrappers
+`--model-args '{"max_new_tokens": 16, "illava_options": {"enable_illava_llm": false}}'` overrides their `IllavaChat`
+keywords and updates their iLLaVA options. Each run's settings are written to
+`<work-dir>/<model>/illava_settings.json` beside VLMEvalKit's results. VLMEvalKit's own wrappers
 hard-code CUDA, flash-attention-2 and `nvidia-smi`; `IllavaChat` loads any transformers model that illava
 patches, on the CPU or a GPU, and logs a merge report per sample into VLMEvalKit's log.
 """
@@ -39,6 +41,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from ..api import apply
 from ..cli import load_video
 from ..config import IllavaConfig
+from .checkpoints import check_checkpoint
 from .report import merge_reports
 
 logger = get_logger("illava")  # under VLMEvalKit's "vlmeval" logger: its console and run-log handlers
@@ -89,6 +92,7 @@ class IllavaChat(Qwen2VLPromptMixin, BaseModel):
         if use_vllm:
             raise ValueError("iLLaVA patches transformers models; --use-vllm is not supported")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_checkpoint(model_path, "model_path")
         pixels = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
         self.processor = AutoProcessor.from_pretrained(model_path, **pixels)
         self.model = (
@@ -103,7 +107,7 @@ class IllavaChat(Qwen2VLPromptMixin, BaseModel):
         self.system_prompt = system_prompt
         self.nframe = nframe
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, **generate_kwargs}
-        logger.info("iLLaVA %s on %s: %s", type(self.model).__name__, device, self.illava_config)
+        logger.info("iLLaVA on %s (%s): %s", type(self.model).__name__, device, self.illava_config.summary())
 
     def generate_inner(self, message: list[dict[str, str]], dataset: str | None = None) -> str:
         content: list[dict[str, Any]] = []
@@ -151,14 +155,69 @@ MODELS: dict[str, functools.partial] = {
 }
 
 
-def register(model_path: str | None = None, model_args: dict[str, Any] | None = None) -> None:
-    """Add the iLLaVA entries to `vlmeval.config.supported_VLM`; `model_path` replaces each entry's checkpoint and
-    `model_args` update its `IllavaChat` keywords (e.g. `{"max_new_tokens": 16, "device": "cpu"}`)."""
+SETTINGS_FILE = "illava_settings.json"
+
+
+def entries(model_path: str | None = None, model_args: dict[str, Any] | None = None) -> dict[str, functools.partial]:
+    """The iLLaVA entries with `model_path` replacing each checkpoint and `model_args` updating its `IllavaChat`
+    keywords (e.g. `{"max_new_tokens": 16, "device": "cpu"}`); iLLaVA options go under `"illava_options"` and
+    update the entry's own (`{"illava_options": {"enable_illava_llm": false}}` turns one stage off). Every value
+    is checked here, before any model loads."""
+    overrides = dict(model_args or {})
+    misplaced = sorted(set(overrides) & set(IllavaConfig.field_names()))
+    if misplaced:
+        raise ValueError(
+            f"--model-args: {misplaced} are iLLaVA options; put them under \"illava_options\", e.g. "
+            f"'{{\"illava_options\": {{\"{misplaced[0]}\": ...}}}}'"
+        )
+    options = overrides.pop("illava_options", None) or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"--model-args: illava_options={options!r} must be a JSON object of iLLaVA options")
+    if model_path:
+        overrides["model_path"] = check_checkpoint(model_path, "--model-path")
+    result = {}
+    for name, entry in MODELS.items():
+        keywords = {**entry.keywords, **overrides}
+        keywords["illava_options"] = {**entry.keywords["illava_options"], **options}
+        IllavaConfig.from_dict(keywords["illava_options"])  # a bad value fails now, naming itself
+        result[name] = functools.partial(entry.func, **keywords)
+    return result
+
+
+def register(model_path: str | None = None, model_args: dict[str, Any] | None = None) -> dict[str, functools.partial]:
+    """Add the iLLaVA entries (see `entries`) to `vlmeval.config.supported_VLM`."""
     from vlmeval.config import supported_VLM
 
-    overrides = {**({"model_path": model_path} if model_path else {}), **(model_args or {})}
-    for name, entry in MODELS.items():
-        supported_VLM[name] = functools.partial(entry.func, **{**entry.keywords, **overrides})
+    registered = entries(model_path, model_args)
+    supported_VLM.update(registered)
+    return registered
+
+
+def record_settings(registered: dict[str, functools.partial], run_arguments: list[str]) -> None:
+    """Write each iLLaVA model's settings to `<work-dir>/<model>/illava_settings.json`, beside VLMEvalKit's results.
+
+    VLMEvalKit reuses the predictions it finds under a model's name, so a work dir that holds results of the same
+    model with other settings is refused rather than silently mixed in."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--model", nargs="+", default=[])
+    parser.add_argument("--work-dir", default="./outputs")  # run.py's default
+    known, _ = parser.parse_known_args(run_arguments)
+    for name in known.model:
+        if name not in registered:
+            continue
+        entry = registered[name].keywords
+        config = IllavaConfig.from_dict(entry["illava_options"])
+        settings = json.loads(json.dumps({"model_path": entry["model_path"], "illava": config.to_dict()}))
+        folder = Path(known.work_dir) / name
+        path = folder / SETTINGS_FILE
+        if path.is_file() and json.loads(path.read_text()) != settings:
+            raise SystemExit(
+                f"illava: {folder} holds results of {name} made with other settings ({path}); VLMEvalKit would "
+                "reuse those predictions. Pass another --work-dir, or delete that folder"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+        logger.info("iLLaVA settings of %s (also in %s): %s", name, path, config.summary())
 
 
 def run_script() -> Path:
@@ -177,7 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-path", help="load this checkpoint for the iLLaVA models")
     parser.add_argument("--model-args", type=json.loads, help="JSON object of IllavaChat keywords for them")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    register(args.model_path, args.model_args)
+    try:
+        registered = register(args.model_path, args.model_args)
+    except ValueError as error:
+        raise SystemExit(f"illava: {error}") from None
+    record_settings(registered, rest)
     script = run_script()
     sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")
