@@ -53,6 +53,8 @@ def apply(model, config: IllavaConfig | Mapping[str, Any] | None = None, process
     state.processor = processor
     # copy.deepcopy looks `__deepcopy__` up on the instance: a copy must get patches of its own
     state.set_attribute(model, "__deepcopy__", functools.partial(_deepcopy_patched, model))
+    # copy.copy and pickle look `__reduce_ex__` up on the instance too: refuse them by name
+    state.set_attribute(model, "__reduce_ex__", _refuse_pickling)
     setattr(model, STATE_ATTRIBUTE, state)
     logger.debug("illava applied to %s: %s", type(model).__name__, config)
     return model
@@ -103,6 +105,14 @@ def _deepcopy_patched(model, memo):
     return apply(duplicate, state.config)
 
 
+def _refuse_pickling(protocol):
+    raise TypeError(
+        "illava: a patched model cannot be shallow-copied or pickled (its patches are bound to this instance); "
+        "use copy.deepcopy(model) for an independent patched copy, save_pretrained for the weights, or "
+        "illava.remove(model) first"
+    )
+
+
 def remove(model):
     """Undo `apply` on `model` (and on the processor passed to it); returns the model."""
     state = getattr(model, STATE_ATTRIBUTE, None)
@@ -121,6 +131,26 @@ def applied(model, config: IllavaConfig | Mapping[str, Any] | None = None, proce
         yield model
     finally:
         remove(model)
+
+
+@contextlib.contextmanager
+def prompt_ends(model, lengths):
+    """Inside the block, the LLM stage treats the first `lengths[b]` tokens of row b (an int: of every row) as the
+    prompt: merging is scored by the prompt's last token and ignores the tokens after it, as the prefill of the
+    prompt alone would. For scoring continuations (a loglikelihood): every candidate then sees the same merge.
+    Without the LLM stage this changes nothing."""
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if state is None:
+        raise RuntimeError("illava is not applied to this model")
+    merger = state.language_merger
+    if merger is None:
+        yield model
+        return
+    outer, merger.prompt_end = merger.prompt_end, lengths
+    try:
+        yield model
+    finally:
+        merger.prompt_end = outer
 
 
 def is_applied(model) -> bool:

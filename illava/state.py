@@ -22,6 +22,7 @@ class IllavaState:
         self.config = config
         self.trace = IllavaTrace()
         self.processor: Any = None  # the processor passed to apply, if any
+        self.language_merger: Any = None  # the LLM stage, when on
         self._hooks: list[Any] = []
         self._attributes: list[tuple[Any, str, Any]] = []
 

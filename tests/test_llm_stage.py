@@ -191,6 +191,25 @@ def test_generate_without_cache_gives_the_cached_answer(ov):
             assert bool((kept >= prompt_length).sum() == out.sequences.shape[1] - 1 - prompt_length)
 
 
+def test_prompt_ends_scores_a_continuation_with_the_merge_of_its_prompt(ov):
+    """A loglikelihood appends a continuation to the prompt: inside `illava.prompt_ends` the merge (and so every
+    prompt position's output) is the one the prompt alone gets, whatever the continuation."""
+    model, processor = ov
+    with illava.applied(model, illava_llm_k="2-4", illava_llm_r=0.5, processor=processor, **LLM):
+        alone = prompt(processor, random_image(40, 90), text="what colour")
+        length = alone["input_ids"].shape[1]
+        alone_logits = logits_of(model, alone)
+        alone_kept = illava.last_trace(model).language[-1].kept_positions(0)
+        for continuation in (" red", " a long blue answer"):
+            inputs = prompt(processor, random_image(40, 90), text="what colour" + continuation)
+            with illava.prompt_ends(model, length):
+                logits = logits_of(model, inputs)
+            kept = illava.last_trace(model).language[-1].kept_positions(0)
+            assert torch.equal(kept[kept < length], alone_kept)
+            visible = alone_logits[0].isfinite().all(-1)
+            torch.testing.assert_close(logits[0, :length][visible], alone_logits[0][visible], rtol=1e-4, atol=1e-4)
+
+
 def test_continuing_from_returned_cache(ov, monkeypatch):
     model, processor = ov
     replay = ScoreReplay(monkeypatch)

@@ -109,33 +109,19 @@ def test_a_deep_copy_is_an_independent_patched_model(family, request):
     assert not illava.is_applied(model) and "__deepcopy__" not in vars(model)
 
 
-# -- outputs at positions the LLM stage merged away --------------------------------------------------------
+def test_shallow_copies_and_pickling_are_refused_and_save_pretrained_works(ov, tmp_path):
+    import io
+    import pickle
 
-LLM = dict(enable_illava_llm=True, illava_llm_k="2", illava_llm_r=0.3)
-
-
-def test_every_readable_output_is_computed_or_loudly_missing(ov):
     model, processor = ov
-    inputs = ov_prompt(processor, random_image(40, 90))
-    is_visual = inputs["input_ids"][0] == model.config.image_token_id
-    last_visual = int(is_visual.nonzero()[-1])
-    with illava.applied(model, processor=processor, **LLM):
-        logits = logits_of(model, inputs)[0]
-        kept = set(illava.last_trace(model).language[0].kept_positions(0).tolist())
-    merged_away = sorted(set(range(logits.shape[0])) - kept)
-    assert merged_away and all(is_visual[position] for position in merged_away)
-    assert bool(logits[merged_away].isnan().all())  # never a plausible number such as a uniform distribution
-    assert last_visual in kept and bool(logits[last_visual].isfinite().all())  # predicts the text after the image
-    assert bool(logits[~is_visual].isfinite().all())
-
-
-def test_labels_on_text_give_a_finite_loss_and_labels_on_merged_tokens_are_refused(ov):
-    model, processor = ov
-    inputs = ov_prompt(processor, random_image(40, 90))
-    text_labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
-    with illava.applied(model, processor=processor, **LLM):
-        with torch.no_grad():
-            loss = model(**inputs, labels=text_labels).loss
-            assert bool(loss.isfinite())
-            with pytest.raises(ValueError, match=r"labels need the logits at \d+ position\(s\) that LLM-stage merging"):
-                model(**inputs, labels=inputs["input_ids"])
+    with illava.applied(model, processor=processor, **OV_VIT):
+        with pytest.raises(TypeError, match="cannot be shallow-copied or pickled"):
+            copy.copy(model)
+        with pytest.raises(TypeError, match="cannot be shallow-copied or pickled"):
+            pickle.dumps(model)
+        with pytest.raises(TypeError, match="cannot be shallow-copied or pickled"):
+            torch.save(model, io.BytesIO())
+        model.save_pretrained(tmp_path)  # the weights, unchanged by merging
+    assert copy.copy(model) is not model  # unpatched: as usual
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))

@@ -295,7 +295,10 @@ class _IllavaRequests:
             if min(lengths) < 1:
                 raise ValueError(f"empty continuation in loglikelihood request(s): {continuations}")
             inputs = self._encode([p + c for p, c in zip(prompts, continuations)], visuals)
-            with torch.inference_mode():
+            # every candidate continuation of a context sees the merge the context alone gets (left padding: the
+            # context of row b ends `lengths[b]` tokens before the end)
+            context_ends = inputs["input_ids"].shape[1] - torch.tensor(lengths, device=inputs["input_ids"].device)
+            with torch.inference_mode(), illava.prompt_ends(self.model, context_ends):
                 logits = self.model(**inputs, use_cache=False, logits_to_keep=max(lengths) + 1).logits.float()
             reports = merge_reports(self.model, inputs["input_ids"])
             for row, length in enumerate(lengths):

@@ -123,12 +123,16 @@ class _Prefill:
     """Per-forward state of a prefill that merges."""
 
     def __init__(self, span: torch.Tensor, key_mask: torch.Tensor | None, track_sources: bool,
-                 prompt_length: int | None = None):
+                 prompt_end: int | torch.Tensor | None = None):
         batch, length = span.shape
         self.length = length
-        # generate(use_cache=False) re-runs the prompt with the tokens generated so far appended; scoring by the
-        # last *prompt* token (and only the keys it sees) merges exactly as the cached prefill did
-        self.prompt_length = prompt_length if prompt_length is not None and prompt_length < length else None
+        # Tokens at or after `prompt_end[b]` follow the prompt (generate(use_cache=False) re-runs the prompt with
+        # the tokens generated so far; a loglikelihood appends the continuation): scoring by the last *prompt*
+        # token, and only the keys it sees, merges exactly as the prefill of the prompt alone does.
+        self.prompt_end = None
+        if prompt_end is not None:
+            end = torch.as_tensor(prompt_end, device=span.device).expand(batch)
+            self.prompt_end = end if bool((end < length).any()) else None
         self.initial_span = span
         self.key_mask = key_mask  # [B, L] bool from the 2-D attention mask, or None
         self.layout: Layout | None = None
@@ -151,8 +155,8 @@ class _Prefill:
         attendable = layout.valid
         if self.key_mask is not None:
             attendable = attendable & self.key_mask.gather(1, layout.index)
-        if self.prompt_length is not None:
-            attendable = attendable & (layout.index < self.prompt_length)
+        if self.prompt_end is not None:
+            attendable = attendable & (layout.index < self.prompt_end[:, None])
         return attendable
 
 
@@ -175,7 +179,7 @@ class LanguageModelMerger:
         self.language_model = language_model
         self.merge_layers = set(self.config.illava_llm_k)
         self.pending_spans: list[torch.Tensor] = []  # [B, L] span ids per modality, set before the forward
-        self.prompt_length: int | None = None  # of the generate() call running now
+        self.prompt_end: int | torch.Tensor | None = None  # see `_Prefill`; set by generate() and `prompt_ends`
         self.labels: torch.Tensor | None = None  # of the model forward running now
         self.run: _Prefill | _Continuation | None = None
         implementation = language_model.config._attn_implementation
@@ -197,7 +201,7 @@ class LanguageModelMerger:
 
     def follow_model(self, model) -> None:
         """Watch the calls of the whole model: the prompt length while `generate` runs (see
-        `_Prefill.prompt_length`), and the `labels` of a forward (checked against the merged-away positions)."""
+        `_Prefill.prompt_end`), and the `labels` of a forward (checked against the merged-away positions)."""
 
         def remember_labels(module, args, kwargs):
             self.labels = kwargs.get("labels")
@@ -208,11 +212,11 @@ class LanguageModelMerger:
             prompt = kwargs.get("input_ids", args[0] if args else None)
             if prompt is None:
                 prompt = kwargs.get("inputs_embeds")
-            outer, self.prompt_length = self.prompt_length, None if prompt is None else int(prompt.shape[1])
+            outer, self.prompt_end = self.prompt_end, None if prompt is None else int(prompt.shape[1])
             try:
                 return original(*args, **kwargs)
             finally:
-                self.prompt_length = outer
+                self.prompt_end = outer
 
         self.state.override_method(model, "generate", generate)
 
@@ -240,7 +244,7 @@ class LanguageModelMerger:
                 )
             attention_mask = kwargs.get("attention_mask")
             key_mask = attention_mask.bool() if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-            self.run = _Prefill(span, key_mask, self.config.illava_track_llm_source, self.prompt_length)
+            self.run = _Prefill(span, key_mask, self.config.illava_track_llm_source, self.prompt_end)
             self.state.trace.language = []
         elif plan is not None:
             self.run = _Continuation(plan, past_length, embeds.shape[1])

@@ -51,6 +51,7 @@ def apply(state: IllavaState, model, processor=None) -> None:
     language_merger = LanguageModelMerger(state, inner.language_model) if config.enable_illava_llm else None
     if language_merger is not None and hasattr(model, "generate"):
         language_merger.follow_model(model)
+    state.language_merger = language_merger
     call = EncoderCall()
     vision = PackedVision(state, visual, call)
     if config.enable_illava_vit:
