@@ -127,7 +127,7 @@ def anyres_layout(inner, features: torch.Tensor, image_size, image_newline: torc
 
     The scenes' single pinpoint never triggers LLaVA-OneVision's `anyres_max_9` downscaling, which is left out.
     """
-    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
+    from illava.compat import get_anyres_image_grid_shape, unpad_image
 
     side = math.isqrt(features.shape[1])
     rows, cols = get_anyres_image_grid_shape(

@@ -324,7 +324,7 @@ def _unmerged_vision_groups(model, inputs) -> tuple[int, int]:
 
 
 def _llava_crops(model, inputs) -> list[int]:
-    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+    from .compat import image_size_to_num_patches
 
     return [
         image_size_to_num_patches(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
