@@ -9,6 +9,8 @@ and Python users pass lists and bools; all of them land here and come out normal
 - `illava_llm_r`: float in (0, 1) the *keep* ratio of the current visual tokens per layer (floor, at least one
   token kept); int >= 0 tokens merged away per layer and span.
 - booleans: True/False, "True"/"false"/"1"/"0"/"yes"/"no".
+- `illava_vit_mode` / `illava_llm_mode`: "merge" (the paper's rank-weighted merge, default), "drop", "shift",
+  "pivot", or the reference's 1 / 2 / 3 for the last three; `illava_pc_ratio` in (0, 1] for "pivot".
 
 `validate_for(...)` checks the values against the model they are applied to (depth, tokens left).
 """
@@ -96,6 +98,22 @@ def _parse_r(name: str, value: Any) -> int | float:
     raise ValueError(f"{name}={value!r} is not a number")
 
 
+# The reference's integers for its merge modes; "merge" (the paper's rank-weighted merge) is this project's default.
+MODE_NUMBERS = {1: "drop", 2: "shift", 3: "pivot"}
+MODE_NAMES = ("merge", "drop", "shift", "pivot")
+
+
+def _parse_mode(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not a merge mode; use one of {MODE_NAMES} or 1/2/3")
+    text = str(value).strip().lower()
+    if text.isdigit() and int(text) in MODE_NUMBERS:
+        return MODE_NUMBERS[int(text)]
+    if text in MODE_NAMES:
+        return text
+    raise ValueError(f"{name}={value!r} is not a merge mode; use one of {MODE_NAMES} or the reference's 1/2/3")
+
+
 @dataclasses.dataclass(frozen=True)
 class IllavaConfig:
     """The iLLaVA settings. Defaults are the paper's single-image setting, with both stages off."""
@@ -108,6 +126,10 @@ class IllavaConfig:
     illava_llm_r: int | float = 0.70
     illava_track_vit_source: bool = False
     illava_track_llm_source: bool = False
+    # how each stage merges (see `illava.merge`): "merge" | "drop" (1) | "shift" (2) | "pivot" (3)
+    illava_vit_mode: str = "merge"
+    illava_llm_mode: str = "merge"
+    illava_pc_ratio: float = 0.05  # "pivot": the fraction of the kept tokens that become context centres
     # Accepted for compatibility with the reference code; spans are found from the placeholder tokens instead.
     illava_llm_image_token_start_index: int = 14
 
@@ -119,6 +141,16 @@ class IllavaConfig:
         set_(self, "illava_llm_k", _parse_layers("illava_llm_k", self.illava_llm_k))
         set_(self, "illava_vit_r", _parse_r("illava_vit_r", self.illava_vit_r))
         set_(self, "illava_llm_r", _parse_r("illava_llm_r", self.illava_llm_r))
+        set_(self, "illava_vit_mode", _parse_mode("illava_vit_mode", self.illava_vit_mode))
+        set_(self, "illava_llm_mode", _parse_mode("illava_llm_mode", self.illava_llm_mode))
+        ratio = self.illava_pc_ratio
+        try:
+            ratio = float(ratio) if not isinstance(ratio, bool) else math.nan
+        except (TypeError, ValueError):
+            ratio = math.nan
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"illava_pc_ratio={self.illava_pc_ratio!r} must lie in (0, 1]")
+        set_(self, "illava_pc_ratio", ratio)
         start = self.illava_llm_image_token_start_index
         try:
             set_(self, "illava_llm_image_token_start_index", int(start))
@@ -165,13 +197,17 @@ class IllavaConfig:
     def summary(self) -> str:
         """One line with the effective settings, for harness logs."""
         layers = "-".join
-        vit = (f"ViT stage on (layers {layers(map(str, self.illava_vit_k))}, r={self.illava_vit_r})"
-               if self.enable_illava_vit else "ViT stage off")
-        llm = (f"LLM stage on (layers {layers(map(str, self.illava_llm_k))}, r={self.illava_llm_r})"
-               if self.enable_illava_llm else "LLM stage off")
+        vit = (f"ViT stage on (layers {layers(map(str, self.illava_vit_k))}, r={self.illava_vit_r}, "
+               f"{self.illava_vit_mode})" if self.enable_illava_vit else "ViT stage off")
+        llm = (f"LLM stage on (layers {layers(map(str, self.illava_llm_k))}, r={self.illava_llm_r}, "
+               f"{self.illava_llm_mode})" if self.enable_illava_llm else "LLM stage off")
         return f"{vit}; {llm}"
 
     # -- token arithmetic shared by the patches and the processor side -------------------------------------
+
+    def merge_options(self, stage: str) -> dict[str, Any]:
+        """`mode` and `pc_ratio` keywords of `illava.merge` for the "vit" or "llm" stage."""
+        return {"mode": getattr(self, f"illava_{stage}_mode"), "pc_ratio": self.illava_pc_ratio}
 
     def vit_tokens_removed(self, current: int) -> int:
         """Tokens one ViT merge layer removes from a crop/frame that currently holds `current` tokens."""

@@ -2,13 +2,14 @@
 
 Tokens come in independent groups (crops, frames, packed segments, LLM visual spans): `x [G, N, D]` with
 `scores [G, N]`, optionally a `valid [G, N]` mask when groups of different lengths are padded to N. One step with
-count r (per group):
+count r (per group) removes r tokens; survivors keep their original order. How (`mode`):
 
-1. the r+1 lowest-scored valid tokens g_0 (lowest) .. g_r are chosen;
-2. their rank-weighted mean sum_k w_k x[g_k] / sum_k w_k, w_k = r+1-k, is accumulated in fp32 and cast back to
-   x's dtype;
-3. that value replaces x[g_r] (the best-scored member); g_0 .. g_{r-1} are dropped;
-4. survivors keep their original order.
+- "merge" (the paper's, the default): the r+1 lowest-scored valid tokens g_0 (lowest) .. g_r are chosen; their
+  rank-weighted mean sum_k w_k x[g_k] / sum_k w_k, w_k = r+1-k, accumulated in fp32 and cast back to x's dtype,
+  replaces x[g_r] (the best-scored member); g_0 .. g_{r-1} are removed.
+- "drop" (the reference's mode 1): the r lowest-scored are removed, nothing is merged.
+- "shift" (mode 2, no scores): the last token is averaged 1:1 into its predecessor, r times.
+- "pivot" (mode 3, pivot / context recycling): see `_plan_pivot`.
 
 Bookkeeping is O(N) per group: `positions` (the original index each survivor sits at) and, when tracked,
 `sources` (for every original token, the index of the current token that stands for it).
@@ -24,50 +25,150 @@ import torch
 _SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
+MODES = ("merge", "drop", "shift", "pivot")
+
+
 @dataclasses.dataclass
 class MergePlan:
-    """What one merge step does to each group."""
+    """What one merge step does to each group: which tokens survive, and which survivors (targets) become a
+    weighted mean of which tokens (members, the target among them)."""
 
     keep: torch.Tensor  # [G, N] bool: survivors (valid tokens not merged away)
-    members: torch.Tensor  # [G, R+1] long: g_0 .. g_R per group (R = max r); entries past a group's r are unused
-    weights: torch.Tensor  # [G, R+1] fp32: rank weights, 0 past a group's r
-    target: torch.Tensor  # [G] long: g_r, the token that receives the merged value
+    targets: torch.Tensor  # [G, T] long: survivors that receive a merged value (T = 0: none, e.g. "drop")
+    members: torch.Tensor  # [G, T, M] long: the tokens each target averages
+    weights: torch.Tensor  # [G, T, M] fp32: their weights; 0 marks unused entries (and unused targets)
+    owner: torch.Tensor  # [G, N] long: the survivor standing for each token (itself if kept), -1 for none
 
 
-def plan_merge(scores: torch.Tensor, r: int | torch.Tensor, valid: torch.Tensor | None = None) -> MergePlan:
-    """Choose, per group, the r+1 lowest-scored tokens and their rank weights.
+def plan_merge(
+    scores: torch.Tensor,
+    r: int | torch.Tensor,
+    valid: torch.Tensor | None = None,
+    mode: str = "merge",
+    x: torch.Tensor | None = None,
+    pc_ratio: float = 0.05,
+) -> MergePlan:
+    """Choose, per group, the r tokens to remove and what the survivors become (`mode`, see the module doc).
 
-    `r` is an int or a `[G]` tensor; every group must hold at least r+1 valid tokens.
+    `r` is an int or a `[G]` tensor; "merge" needs r+1 valid tokens per group, the others r+1 as well (at least
+    one survivor). "pivot" needs the tokens `x [G, N, D]` (it matches removed tokens to centres by similarity).
     """
+    if mode not in MODES:
+        raise ValueError(f"merge mode {mode!r} is not one of {MODES}")
     num_groups, num_tokens = scores.shape
     device = scores.device
     r_per_group = torch.as_tensor(r, device=device, dtype=torch.long).expand(num_groups)
-    keyed = scores.detach().float()
-    if valid is not None:
-        keyed = keyed.masked_fill(~valid, float("inf"))
-        available = valid.sum(dim=1)
-    else:
-        available = torch.full((num_groups,), num_tokens, device=device)
+    valid = torch.ones(num_groups, num_tokens, dtype=torch.bool, device=device) if valid is None else valid
+    available = valid.sum(dim=1)
     if bool((r_per_group < 0).any()) or bool((r_per_group + 1 > available).any()):
         raise ValueError(f"merge count r={r_per_group.tolist()} needs r+1 <= tokens per group {available.tolist()}")
-    max_r = int(r_per_group.max()) if num_groups else 0
-    # The r+1 lowest, lowest first; ties break towards the earlier token so the choice is deterministic.
-    members = keyed.argsort(dim=1, stable=True)[:, : max_r + 1]
-    rank = torch.arange(max_r + 1, device=device)
-    weights = (r_per_group[:, None] + 1 - rank).clamp(min=0).float()
-    target = members.gather(1, r_per_group[:, None]).squeeze(1)
-    dropped = torch.zeros(num_groups, num_tokens, dtype=torch.bool, device=device)
-    dropped.scatter_(1, members, rank[None, :] < r_per_group[:, None])
-    keep = ~dropped if valid is None else valid & ~dropped
-    return MergePlan(keep=keep, members=members, weights=weights, target=target)
+    # Ranks: 0 = lowest-scored valid token (ties towards the earlier token), invalid tokens last.
+    keyed = scores.detach().float().masked_fill(~valid, float("inf"))
+    order = keyed.argsort(dim=1, stable=True)
+    if mode == "shift":  # position order, no scores
+        order = (~valid).long().argsort(dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_groups, -1))
+    if mode == "merge":
+        return _plan_rank_weighted(order, rank, r_per_group, valid)
+    if mode == "drop":
+        keep = valid & (rank >= r_per_group[:, None])
+        empty = torch.zeros(num_groups, 0, dtype=torch.long, device=device)
+        owner = torch.where(keep, torch.arange(num_tokens, device=device), -1)
+        return MergePlan(keep, empty, empty[..., None], empty[..., None].float(), owner)
+    if mode == "shift":
+        return _plan_shift(order, rank, r_per_group, available, valid)
+    if x is None:
+        raise ValueError("merge mode 'pivot' needs the tokens x")
+    return _plan_pivot(x, order, rank, r_per_group, available, valid, pc_ratio)
+
+
+def _plan_rank_weighted(order, rank, r, valid) -> MergePlan:
+    """The paper's merge: the r+1 lowest g_0..g_r average into g_r with weights r+1-k; g_0..g_{r-1} go."""
+    num_groups, num_tokens = order.shape
+    device = order.device
+    max_r = int(r.max()) if num_groups else 0
+    members = order[:, : max_r + 1]
+    weights = (r[:, None] + 1 - torch.arange(max_r + 1, device=device)).clamp(min=0).float()
+    targets = members.gather(1, r[:, None])
+    dropped = valid & (rank < r[:, None])
+    owner = torch.where(dropped, targets, torch.arange(num_tokens, device=device))
+    return MergePlan(valid & ~dropped, targets, members[:, None], weights[:, None], owner.masked_fill(~valid, -1))
+
+
+def _plan_shift(order, rank, r, available, valid) -> MergePlan:
+    """Shift-merge: repeatedly average the last token 1:1 into its predecessor. Tokens 0..keep-2 stay; token
+    keep-1 becomes h_{keep-1}/2 + sum_{j=keep}^{L-2} h_j/2^(j-keep+2) + h_{L-1}/2^(L-keep)."""
+    num_groups, num_tokens = order.shape
+    device = order.device
+    keep_count = available - r
+    max_r = int(r.max()) if num_groups else 0
+    step = torch.arange(max_r + 1, device=device)
+    member_rank = (keep_count[:, None] - 1 + step).clamp(max=num_tokens - 1)
+    members = order.gather(1, member_rank)
+    weights = torch.pow(0.5, (step + 1).float()).expand(num_groups, -1).clone()
+    last = r[:, None] == step  # the last member shares the smallest weight with the one before it
+    weights = torch.where(last, torch.pow(0.5, r.float())[:, None], weights)
+    weights = weights.masked_fill(step > r[:, None], 0)
+    targets = members[:, :1]
+    dropped = valid & (rank >= keep_count[:, None])
+    owner = torch.where(dropped, targets, torch.arange(num_tokens, device=device))
+    return MergePlan(valid & ~dropped, targets, members[:, None], weights[:, None], owner.masked_fill(~valid, -1))
+
+
+def _plan_pivot(x, order, rank, r, available, valid, pc_ratio) -> MergePlan:
+    """Pivot / context recycling: of the `keep` best, the best keep-pc stay untouched; the other pc become context
+    centres, each averaging (1:1) with a similarity-softmax mix of the (at most 5) removed tokens closest to it
+    (raw dot products / sqrt(d)). A removed token may feed several centres or none."""
+    num_groups, num_tokens = order.shape
+    device = order.device
+    keep_count = available - r
+    centres = torch.round(keep_count.float() * pc_ratio).long().clamp(min=1)
+    centres = torch.minimum(centres, keep_count).masked_fill(r == 0, 0)
+    best_first = torch.where(valid, available[:, None] - 1 - rank, num_tokens)  # 0 = the best valid token
+    is_centre = valid & (best_first >= (keep_count - centres)[:, None]) & (best_first < keep_count[:, None])
+    removed = valid & (best_first >= keep_count[:, None])
+    max_centres = int(centres.max()) if num_groups else 0
+    if max_centres == 0:
+        empty = torch.zeros(num_groups, 0, dtype=torch.long, device=device)
+        owner = torch.arange(num_tokens, device=device).expand(num_groups, -1).masked_fill(~valid, -1)
+        return MergePlan(valid.clone(), empty, empty[..., None], empty[..., None].float(), owner)
+    # centres in their best-first order, padded with slot 0 (weights 0 mark the padding)
+    centre_rank = torch.where(is_centre, best_first, num_tokens)
+    targets = centre_rank.argsort(dim=1, stable=True)[:, :max_centres]
+    target_valid = torch.arange(max_centres, device=device)[None, :] < centres[:, None]
+    features = x.float()
+    similarity = torch.einsum("gtd,gnd->gtn", features.gather(1, targets[..., None].expand(-1, -1, x.shape[-1])),
+                              features) / features.shape[-1] ** 0.5
+    similarity = similarity.masked_fill(~removed[:, None, :], float("-inf"))
+    neighbours = int(min(5, int(r.max())))
+    values, picked = similarity.topk(neighbours, dim=-1)
+    usable = values.isfinite() & target_valid[..., None]
+    mix = values.masked_fill(~usable, float("-inf")).softmax(dim=-1).nan_to_num(0.0) * 0.5
+    members = torch.cat((targets[..., None], picked), dim=-1)
+    weights = torch.cat((target_valid[..., None].float() * 0.5, mix), dim=-1)
+    weights[..., 0] = torch.where(usable.any(-1), weights[..., 0], target_valid.float())  # nothing to mix: itself
+    # each removed token is represented by the centre that gives it the largest weight, if any
+    contribution = torch.zeros(num_groups, max_centres, num_tokens, device=device)
+    contribution.scatter_add_(2, picked, mix)
+    best_weight, best_centre = contribution.max(dim=1)
+    owner = torch.arange(num_tokens, device=device).expand(num_groups, -1).clone()
+    owner = torch.where(removed, torch.where(best_weight > 0, targets.gather(1, best_centre), -1), owner)
+    return MergePlan(valid & ~removed, targets, members, weights, owner.masked_fill(~valid, -1))
 
 
 def apply_merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    """`x [G, N, D]` with each group's target replaced by the rank-weighted mean (still `[G, N, D]`)."""
-    gathered = x.gather(1, plan.members[..., None].expand(-1, -1, x.shape[-1])).float()
-    merged = (gathered * plan.weights[..., None]).sum(dim=1) / plan.weights.sum(dim=1, keepdim=True)
+    """`x [G, N, D]` with each target replaced by its weighted mean, accumulated in fp32 (still `[G, N, D]`)."""
+    num_groups, num_targets, num_members = plan.members.shape
+    if num_targets == 0:
+        return x
+    index = plan.members.reshape(num_groups, num_targets * num_members)[..., None].expand(-1, -1, x.shape[-1])
+    gathered = x.gather(1, index).float().view(num_groups, num_targets, num_members, -1)
+    total = plan.weights.sum(dim=-1)
+    merged = (gathered * plan.weights[..., None]).sum(dim=2) / total.clamp(min=1e-30)[..., None]
     out = x.clone()
-    out[torch.arange(x.shape[0], device=x.device), plan.target] = merged.to(x.dtype)
+    groups, slots = (total > 0).nonzero(as_tuple=True)
+    out[groups, plan.targets[groups, slots]] = merged[groups, slots].to(x.dtype)
     return out
 
 
@@ -77,10 +178,10 @@ def compact(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def merge_tokens(
-    x: torch.Tensor, scores: torch.Tensor, r: int
+    x: torch.Tensor, scores: torch.Tensor, r: int, mode: str = "merge", pc_ratio: float = 0.05
 ) -> tuple[torch.Tensor, MergePlan]:
     """One merge step on equal-sized groups: `[G, N, D]` -> `[G, N-r, D]` and the plan it followed."""
-    plan = plan_merge(scores, r)
+    plan = plan_merge(scores, r, mode=mode, x=x, pc_ratio=pc_ratio)
     return compact(apply_merge(x, plan), plan.keep), plan
 
 
@@ -90,14 +191,11 @@ def update_positions(positions: torch.Tensor, plan: MergePlan) -> torch.Tensor:
 
 
 def update_sources(sources: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    """Re-point `sources [G, N0]` (original token -> current token index) through one merge step."""
-    num_groups, num_tokens = plan.keep.shape
-    redirect = torch.arange(num_tokens, device=sources.device).repeat(num_groups, 1)
-    merged_away = plan.weights[:, :-1] > 0  # members before g_r of each group (rank < r)
-    dropped_members = torch.where(merged_away, plan.members[:, :-1], plan.target[:, None])
-    redirect.scatter_(1, dropped_members, plan.target[:, None].expand_as(dropped_members))
+    """Re-point `sources [G, N0]` (original token -> current token index, -1: no token stands for it) through
+    one merge step."""
     new_index = plan.keep.long().cumsum(dim=1) - 1
-    return new_index.gather(1, redirect.gather(1, sources))
+    owner = torch.where(plan.owner >= 0, new_index.gather(1, plan.owner.clamp(min=0)), -1)
+    return torch.where(sources >= 0, owner.gather(1, sources.clamp(min=0)), -1)
 
 
 def initial_sources(num_groups: int, num_tokens: int, device: torch.device | str) -> torch.Tensor:
@@ -165,7 +263,8 @@ class SpanMerge:
 
 
 def merge_spans(
-    hidden: torch.Tensor, scores: torch.Tensor, span: torch.Tensor, tokens_removed
+    hidden: torch.Tensor, scores: torch.Tensor, span: torch.Tensor, tokens_removed, mode: str = "merge",
+    pc_ratio: float = 0.05,
 ) -> SpanMerge:
     """Merge inside every span of `hidden [B, L, D]` independently.
 
@@ -191,14 +290,14 @@ def merge_spans(
     r = torch.tensor([tokens_removed(int(size)) for size in sizes.tolist()], device=device)
     if int(r.max()) == 0:
         return SpanMerge(hidden, keep, representative)
-    plan = plan_merge(scores.flatten()[grouped], r, valid=valid)
     flat_hidden = hidden.reshape(batch * length, dim)
-    merged = apply_merge(flat_hidden[grouped], plan)
+    grouped_hidden = flat_hidden[grouped]
+    plan = plan_merge(scores.flatten()[grouped], r, valid=valid, mode=mode, x=grouped_hidden, pc_ratio=pc_ratio)
+    merged = apply_merge(grouped_hidden, plan)
     out = flat_hidden.clone()
-    target_flat = grouped.gather(1, plan.target[:, None]).squeeze(1)
-    out[target_flat] = merged[torch.arange(num_spans, device=device), plan.target]
+    out[grouped[valid]] = merged[valid]
     dropped = valid & ~plan.keep
     keep.view(-1)[grouped[dropped]] = False
-    position = representative.view(-1)
-    position[grouped[dropped]] = (target_flat % length)[:, None].expand_as(grouped)[dropped]
+    owner_position = torch.where(plan.owner >= 0, grouped.gather(1, plan.owner.clamp(min=0)) % length, -1)
+    representative.view(-1)[grouped[dropped]] = owner_position[dropped]
     return SpanMerge(out.view(batch, length, dim), keep, representative)

@@ -20,7 +20,8 @@ class VisionTrace:
     merge_layers: tuple[int, ...]
     tokens_per_group: list[int]  # before the first merge layer, then after each one
     positions: torch.Tensor  # [G, K] original raster index (row * cols + col) of each survivor
-    sources: torch.Tensor | None = None  # [G, rows*cols]: index of the survivor each original patch went into
+    # [G, rows*cols]: index of the survivor each original patch went into (-1: dropped, no survivor stands for it)
+    sources: torch.Tensor | None = None
     # the same after each merge layer (the last equals `sources`); indices are only meaningful as a partition
     source_history: list[torch.Tensor] = dataclasses.field(default_factory=list)
     groups_per_item: list[int] | None = None
@@ -61,7 +62,8 @@ class LanguageTrace:
     layer: int
     positions: torch.Tensor  # [B, L']: original position of each token that layers >= `layer` see
     visual_tokens_per_span: list[int]  # tokens left in each image/video span, spans in prompt order
-    representatives: torch.Tensor | None = None  # [B, L]: position of the survivor standing for each position
+    # [B, L]: position of the survivor standing for each position (-1: dropped)
+    representatives: torch.Tensor | None = None
 
     def kept_positions(self, sample: int) -> torch.Tensor:
         row = self.positions[sample]
@@ -105,8 +107,8 @@ class IllavaTrace:
             len(other.groups_per_item) for other in self.vision[:entry] if other.modality == vision.modality
         )
         samples, first = starts[item_of_group + offset].unbind(-1)
-        slot_of_patch = vision.source_map().flatten(1)
-        feature = vision.features.gather(1, slot_of_patch)
+        slot_of_patch = vision.source_map().flatten(1)  # -1: dropped ("drop" / "pivot" modes)
+        feature = torch.where(slot_of_patch >= 0, vision.features.gather(1, slot_of_patch.clamp(min=0)), -1)
         positions = torch.where(feature >= 0, first[:, None] + feature, -1)
         if self.language and self.language[layer].representatives is not None:
             representatives = self.language[layer].representatives.cpu()[samples]

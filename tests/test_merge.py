@@ -9,9 +9,9 @@ def test_rank_weights_target_and_order():
     scores = torch.tensor([[0.5, 0.1, 0.9, 0.2, 0.3, 0.8]])
     merged, plan = merge.merge_tokens(x, scores, r=2)
     # lowest three, lowest first: token 1 (w=3), token 3 (w=2), token 4 (w=1); token 4 receives the mean
-    assert plan.members[0].tolist() == [1, 3, 4]
-    assert plan.weights[0].tolist() == [3.0, 2.0, 1.0]
-    assert plan.target.tolist() == [4]
+    assert plan.members[0, 0].tolist() == [1, 3, 4]
+    assert plan.weights[0, 0].tolist() == [3.0, 2.0, 1.0]
+    assert plan.targets.tolist() == [[4]]
     expected_mean = (3 * 1 + 2 * 3 + 1 * 4) / 6
     # survivors in original order: 0, 2, 4 (merged), 5
     assert merged[0, :, 0].tolist() == pytest.approx([0.0, 2.0, expected_mean, 5.0])
@@ -60,7 +60,7 @@ def test_variable_r_and_padding_mask():
     plan = merge.plan_merge(scores, torch.tensor([1, 2]), valid=valid)
     # group 0: padding (score 0) is never chosen; lowest two valid are 1 (w=2) then 2 (w=1)
     assert plan.keep[0].tolist() == [True, False, True, True, False, False]
-    assert plan.target.tolist() == [2, 3]
+    assert plan.targets.tolist() == [[2], [3]]
     out = merge.apply_merge(x, plan)
     assert out[0, 2, 0].item() == pytest.approx((2 * 1 + 1 * 2) / 3)
     assert out[1, 3, 0].item() == pytest.approx((3 * 11 + 2 * 10 + 1 * 9) / 6)
@@ -87,8 +87,8 @@ def test_sources_follow_every_merge():
         positions = merge.update_positions(positions, plan)
         sources = merge.update_sources(sources, plan)
         for g in range(groups):
-            for member in plan.members[g, :r]:
-                membership[g, plan.target[g]] += membership[g, member]
+            for member in plan.members[g, 0, :r]:
+                membership[g, plan.targets[g, 0]] += membership[g, member]
         membership = membership[plan.keep].view(groups, -1, tokens)
     assert sources.shape == (groups, tokens)
     assert torch.equal(membership.argmax(dim=1), sources)
@@ -120,3 +120,76 @@ def test_attention_received_grouped_query_and_padding():
     expected = _eager_received(query[:, :, :4], key.repeat_interleave(2, dim=1)[:, :, :4], 0.3)
     torch.testing.assert_close(received[:, :4], expected)
     assert received[0, 4:].tolist() == [0.0, 0.0]
+
+
+# -- the reference's modes: drop (1), shift (2), pivot (3) ---------------------------------------------------
+
+
+def test_drop_keeps_the_best_unchanged_and_no_survivor_stands_for_the_dropped():
+    x = torch.arange(6, dtype=torch.float32)[None, :, None]
+    scores = torch.tensor([[0.5, 0.1, 0.9, 0.2, 0.3, 0.8]])
+    merged, plan = merge.merge_tokens(x, scores, r=2, mode="drop")
+    assert merged[0, :, 0].tolist() == [0.0, 2.0, 4.0, 5.0]
+    assert plan.owner[0].tolist() == [0, -1, 2, -1, 4, 5]
+    sources = merge.update_sources(merge.initial_sources(1, 6, "cpu"), plan)
+    assert sources[0].tolist() == [0, -1, 1, -1, 2, 3]
+
+
+def test_shift_averages_the_tail_into_the_last_kept_token():
+    x = torch.arange(6, dtype=torch.float32)[None, :, None] ** 2  # scores play no part
+    merged, plan = merge.merge_tokens(x, torch.rand(1, 6), r=3, mode="shift")
+    h = x[0, :, 0].tolist()
+    # keep = 3: tokens 0, 1 unchanged; token 2 = h2/2 + h3/4 + h4/8 + h5/8 (averaging the last into its predecessor)
+    assert merged[0, :, 0].tolist() == pytest.approx([h[0], h[1], h[2] / 2 + h[3] / 4 + h[4] / 8 + h[5] / 8])
+    assert plan.owner[0].tolist() == [0, 1, 2, 2, 2, 2]
+    step_by_step = list(h)
+    while len(step_by_step) > 3:
+        last = step_by_step.pop()
+        step_by_step[-1] = (step_by_step[-1] + last) / 2
+    assert merged[0, :, 0].tolist() == pytest.approx(step_by_step)
+
+
+def test_shift_and_drop_respect_padding_and_per_group_counts():
+    x = torch.arange(12, dtype=torch.float32).view(2, 6, 1)
+    scores = torch.tensor([[0.3, 0.1, 0.2, 0.9, 0.0, 0.0], [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])
+    valid = torch.tensor([[True, True, True, True, False, False], [True] * 6])
+    shift = merge.plan_merge(scores, torch.tensor([1, 2]), valid=valid, mode="shift")
+    assert shift.keep.tolist() == [[True, True, True, False, False, False], [True, True, True, True, False, False]]
+    out = merge.apply_merge(x, shift)
+    assert out[0, 2, 0].item() == pytest.approx((2 + 3) / 2) and out[1, 3, 0].item() == pytest.approx(9 / 2 + 10 / 4 + 11 / 4)
+    drop = merge.plan_merge(scores, torch.tensor([1, 2]), valid=valid, mode="drop")
+    assert drop.keep.tolist() == [[True, False, True, True, False, False], [True, True, True, True, False, False]]
+
+
+def test_pivot_keeps_pivots_and_recycles_removed_tokens_into_centres():
+    torch.manual_seed(0)
+    x = torch.randn(1, 12, 8)
+    scores = torch.arange(12, dtype=torch.float32)[None].flip(1)  # token 0 best ... token 11 worst
+    r, ratio = 4, 0.3
+    merged, plan = merge.merge_tokens(x, scores, r=r, mode="pivot", pc_ratio=ratio)
+    keep = 12 - r
+    centres = max(1, round(keep * ratio))  # 2: ranks 6, 7 (tokens 6, 7); tokens 8..11 are removed
+    assert plan.keep[0].tolist() == [True] * keep + [False] * r
+    assert torch.equal(merged[0, : keep - centres], x[0, : keep - centres])  # pivots untouched
+    removed = x[0, keep:]
+    for centre in range(keep - centres, keep):
+        similarity = removed @ x[0, centre] / 8**0.5
+        weights = similarity.softmax(dim=0)  # M = min(5, 4) = 4: every removed token
+        expected = (x[0, centre] + (weights[:, None] * removed).sum(dim=0)) / 2
+        torch.testing.assert_close(merged[0, centre], expected)
+    assert set(plan.owner[0, keep:].tolist()) <= {keep - 2, keep - 1}  # each removed token: its heaviest centre
+
+
+def test_pivot_takes_the_five_closest_removed_tokens():
+    x = torch.zeros(1, 10, 2)
+    x[0, :, 0] = torch.arange(10, dtype=torch.float32)
+    scores = -torch.arange(10, dtype=torch.float32)[None]  # token 0 best
+    plan = merge.plan_merge(scores, 7, mode="pivot", x=x, pc_ratio=0.1)  # keep 3, one centre (token 2)
+    assert plan.targets.tolist() == [[2]]
+    assert sorted(plan.members[0, 0, 1:].tolist()) == [5, 6, 7, 8, 9]  # largest dot products with token 2
+    assert plan.owner[0].tolist() == [0, 1, 2, -1, -1, 2, 2, 2, 2, 2]  # tokens 3 and 4 feed no centre
+
+
+def test_an_unknown_mode_is_named():
+    with pytest.raises(ValueError, match="merge mode 'squash'"):
+        merge.plan_merge(torch.rand(1, 5), 1, mode="squash")

@@ -96,7 +96,7 @@ class EncoderMerger:
 
         return merge_packed(
             run, hidden_states, query, key, attention.scale, 1, self.config.vit_tokens_removed, describe,
-            setting=f"illava_vit_r={self.config.illava_vit_r}",
+            setting=f"illava_vit_r={self.config.illava_vit_r}", options=self.config.merge_options("vit"),
         )
 
     def _remember_rotary(self, module, args, kwargs):

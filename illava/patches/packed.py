@@ -93,13 +93,15 @@ def merge_packed(
     units_removed: Callable[[int], int],
     describe_segment: Callable[[int], str],
     setting: str,
+    options: dict,
     attention_cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One merge step on packed `hidden [N, D]` with rotated `query`/`key [N, heads, head_dim]`.
 
     Tokens are scored by the attention they receive within the segments the block attended over
     (`attention_cu_seqlens`: attention windows, default the merge segments), summed over queries so that
-    tokens of windows of different sizes compare fairly; then every merge segment loses its lowest units.
+    tokens of windows of different sizes compare fairly; then every merge segment loses its lowest units, the way
+    `options` (`IllavaConfig.merge_options`) say.
     Updates `run` (boundaries, origins, positions, sources, counts, windows) and returns the packed survivors.
     """
     cu_seqlens = run.cu_seqlens
@@ -116,8 +118,9 @@ def merge_packed(
         if run.sources is not None:
             run.source_history.append(run.sources)
         return hidden
-    plan = merge.plan_merge(unit_scores, removed, valid=unit_valid)
-    merged_units = merge.apply_merge(padded_hidden.view(segments, longest // unit, unit * dim), plan)
+    units_hidden = padded_hidden.view(segments, longest // unit, unit * dim)  # a 2x2 window moves as one token
+    plan = merge.plan_merge(unit_scores, removed, valid=unit_valid, x=units_hidden, **options)
+    merged_units = merge.apply_merge(units_hidden, plan)
     keep_tokens = plan.keep.repeat_interleave(unit, dim=1)
     survivors = merged_units.view(segments, longest, dim)[keep_tokens]
     origin, _, _ = pad_segments(run.origin, cu_seqlens)

@@ -338,9 +338,20 @@ class LanguageModelMerger:
         layout = run.current()
         scores = self._scores(run, layer_index)
         # The last visual token of a span predicts the text after it (a caller's loglikelihood reads that logit):
-        # it always survives, as its own token or as the one its group merges into.
-        scores = scores.masked_fill(_last_of_each_span(layout.span), torch.finfo(scores.dtype).max)
-        result = merge.merge_spans(hidden, scores, layout.span, self.config.llm_tokens_removed)
+        # it always survives, as its own token or as the one its group merges into. "shift" ignores scores and
+        # always merges the last token away, so there the last token stays out of the candidates instead.
+        last = _last_of_each_span(layout.span)
+        options = self.config.merge_options("llm")
+        if options["mode"] == "shift":
+            span = layout.span.masked_fill(last, -1)
+
+            def removed(size):  # counted on the whole span; one candidate must remain to shift into
+                return min(self.config.llm_tokens_removed(size + 1), max(size - 1, 0))
+
+        else:
+            span, removed = layout.span, self.config.llm_tokens_removed
+            scores = scores.masked_fill(last, torch.finfo(scores.dtype).max)
+        result = merge.merge_spans(hidden, scores, span, removed, **options)
         keep = result.keep & layout.valid
         if bool(keep[layout.valid].all()):
             self._record(run, layer_index, layout)
@@ -356,12 +367,17 @@ class LanguageModelMerger:
 
     @staticmethod
     def _update_representatives(run: _Prefill, layout: Layout, representative_slot: torch.Tensor) -> None:
-        # slot -> original position of its representative; then follow every original position through it
-        representative_position = layout.index.gather(1, representative_slot)
+        # slot -> original position of its representative (-1: dropped, none); then follow every original
+        # position through it
+        representative_position = torch.where(
+            representative_slot >= 0, layout.index.gather(1, representative_slot.clamp(min=0)), -1
+        )
         slot_of_position = torch.zeros_like(run.representatives)
         batch_index, slot = layout.valid.nonzero(as_tuple=True)
         slot_of_position[batch_index, layout.index[batch_index, slot]] = slot
-        run.representatives = representative_position.gather(1, slot_of_position.gather(1, run.representatives))
+        current = run.representatives
+        followed = representative_position.gather(1, slot_of_position.gather(1, current.clamp(min=0)))
+        run.representatives = torch.where(current >= 0, followed, -1)
 
     def _record(self, run: _Prefill, layer_index: int, layout: Layout) -> None:
         spans = layout.span[layout.span >= 0]

@@ -157,7 +157,8 @@ class PackedVision:
                     rank = torch.empty_like(order)
                     rank[order] = torch.arange(final, device=order.device)
                     by_raster = torch.empty_like(raster)
-                    by_raster[raster] = rank[run.sources[segment, : rows * cols]]
+                    raw_sources = run.sources[segment, : rows * cols]
+                    by_raster[raster] = torch.where(raw_sources >= 0, rank[raw_sources.clamp(min=0)], -1)
                     sources.append(by_raster)
                     for step, raw in zip(history, run.source_history):
                         partition = torch.empty_like(raster)
@@ -218,7 +219,8 @@ class PackedVision:
 
         return merge_packed(
             run, hidden_states, query, key, block.attn.scaling, self.unit, self.config.vit_tokens_removed, describe,
-            setting=f"illava_vit_r={self.config.illava_vit_r}", attention_cu_seqlens=attention_cu_seqlens,
+            setting=f"illava_vit_r={self.config.illava_vit_r}", options=self.config.merge_options("vit"),
+            attention_cu_seqlens=attention_cu_seqlens,
         )
 
     def _remember_rotary(self, module, args, kwargs):

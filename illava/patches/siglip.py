@@ -73,7 +73,7 @@ def _merge_step(state: IllavaState, slot: dict, layer, hidden_states, attention_
             entry.source_history.append(entry.sources)
         return hidden_states
     scores = merge.attention_received(query, key, layer.self_attn.scale)
-    hidden_states, plan = merge.merge_tokens(hidden_states, scores, r)
+    hidden_states, plan = merge.merge_tokens(hidden_states, scores, r, **state.config.merge_options("vit"))
     entry.positions = merge.update_positions(entry.positions, plan)
     if entry.sources is not None:
         entry.sources = merge.update_sources(entry.sources, plan)

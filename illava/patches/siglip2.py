@@ -91,7 +91,7 @@ class NaflexMerger:
                 self.source_history.append(self.sources)
             return hidden_states
         scores = merge.attention_received(query, key, layer.self_attn.scale, valid=self.valid)
-        plan = merge.plan_merge(scores, removed, valid=self.valid)
+        plan = merge.plan_merge(scores, removed, valid=self.valid, x=hidden_states, **self.config.merge_options("vit"))
         merged = merge.apply_merge(hidden_states, plan)
         kept = plan.keep.sum(dim=1)
         length = int(kept.max())
