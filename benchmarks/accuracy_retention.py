@@ -12,12 +12,16 @@ a side s of a square per-crop grid (s*s tokens per crop, 2*s*s + s visual tokens
 - random: the same s*s tokens per crop kept at random (seeded), in raster order
 - pool:   each crop's 14x14 grid average-pooled to s x s
 
+`--modes` runs vit / llm / both once per merge mode (`merge`, the paper's and the default, `drop`, `shift`,
+`pivot`: `illava_vit_mode` / `illava_llm_mode`); a mode other than `merge` shows as e.g. `vit:pivot`.
+
 random and pool reduce the projected features of each crop and lay the s x s grids out as LLaVA-OneVision does
 (base crop, then the high-resolution grid with a newline per row) - the layout iLLaVA's ViT stage produces for a
 square count - so every method hands the LLM the same number of tokens in the same arrangement.
 
     python benchmarks/accuracy_retention.py                     # 200 held-out scenes, all methods and budgets
     python benchmarks/accuracy_retention.py --samples 40 --sides 10 7 --methods vit pool
+    python benchmarks/accuracy_retention.py --methods vit llm --modes merge drop shift pivot
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from illava.default_model import DEFAULT_MODEL_PATH, build_prompt, decode_answer
 from training.scenes import Sample, sample  # noqa: E402
 
 METHODS = ("vit", "llm", "both", "random", "pool")
+ILLAVA_METHODS = ("vit", "llm", "both")
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -73,7 +78,15 @@ def llm_options(target: int, current: int, layers: tuple[int, ...]) -> dict:
 
 
 def settings_for(method: str, side: int, full_side: int, vit_k: tuple[int, ...], llm_k: tuple[int, ...]) -> dict:
-    """The illava options for `method` at `side` (empty for the baselines)."""
+    """The illava options for `method` (`vit:pivot`: with that merge mode) at `side` (empty for the baselines)."""
+    method, _, mode = method.partition(":")
+    options = _stage_settings(method, side, full_side, vit_k, llm_k)
+    if options and mode:
+        options.update(illava_vit_mode=mode, illava_llm_mode=mode)
+    return options
+
+
+def _stage_settings(method: str, side: int, full_side: int, vit_k: tuple[int, ...], llm_k: tuple[int, ...]) -> dict:
     full = llm_tokens(full_side)
     if method == "vit":
         return vit_options(side, full_side, vit_k)
@@ -96,6 +109,8 @@ def describe(method: str, options: dict, side: int) -> str:
         parts.append(f"vit k={options['illava_vit_k']} r={options['illava_vit_r']}")
     if options.get("enable_illava_llm"):
         parts.append(f"llm k={options['illava_llm_k']} keep={options['illava_llm_r']:.3f}")
+    if options.get("illava_vit_mode", "merge") != "merge":
+        parts.append(f"mode {options['illava_vit_mode']}")
     if method == "random":
         parts.append(f"random {side}x{side}/crop")
     if method == "pool":
@@ -188,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sides", type=int, nargs="+", default=[13, 11, 10, 8, 7, 5, 4],
                         help="per-crop grid sides to test (each must be reachable by the ViT stage)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--modes", nargs="+", choices=illava.config.MODE_NAMES, default=["merge"],
+                        help="merge modes for the iLLaVA methods (vit, llm, both)")
     parser.add_argument("--vit-k", default="2-3-4")
     parser.add_argument("--llm-k", default="2")
     parser.add_argument("--batch-size", type=int, default=25)
@@ -222,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
 
     record("full", full_side, "no reduction", lambda: run(model, processor, items, args.batch_size))
     record("blank", full_side, "grey image (text-only floor)", lambda: run(model, processor, blank, args.batch_size))
-    for method in args.methods:
+    methods = [f"{method}:{mode}" if mode != "merge" else method
+               for method in args.methods for mode in (args.modes if method in ILLAVA_METHODS else ["merge"])]
+    for method in methods:
         for side in args.sides:
             options = settings_for(method, side, full_side, vit_k, llm_k)
             setting = describe(method, options, side)
@@ -253,7 +272,7 @@ def markdown_table(rows: list[dict], samples: int, command: str) -> str:
     """Accuracy per method (columns) and budget (rows); the budget is the visual tokens the LLM receives."""
     full = next(row for row in rows if row["method"] == "full")
     blank = next(row for row in rows if row["method"] == "blank")
-    methods = [method for method in METHODS if any(row["method"] == method for row in rows)]
+    methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] not in ("full", "blank")))
     sides = sorted({row["side"] for row in rows if row["method"] in methods}, reverse=True)
     lines = [
         f"Accuracy (exact match, greedy) on {samples} held-out scenes; full model {full['accuracy']:.3f} with "
@@ -292,7 +311,10 @@ def plot(rows: list[dict], path: Path, samples: int, vit_k: tuple[int, ...], llm
         "pool": "uniform average pooling",
     }
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for method, label in labels.items():
+    methods = dict.fromkeys(row["method"] for row in rows if row["method"] not in ("full", "blank"))
+    for method in methods:
+        stage, _, mode = method.partition(":")
+        label = labels[stage] + (f", {mode}" if mode else "")
         points = sorted((llm_tokens(row["side"]), row["accuracy"]) for row in rows if row["method"] == method)
         if points:
             points.append((llm_tokens(full["side"]), full["accuracy"]))

@@ -30,7 +30,7 @@ import torch
 from . import api, merge
 from .config import IllavaConfig
 from .measure import PeakMemory
-from .patches import packed, qwen2
+from .patches import decoder, packed
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def merge_time(device: str):
     """Time spent scoring and merging (both stages), summed, while the block runs."""
     spent = {"seconds": 0.0}
     targets = [(merge, "attention_received"), (merge, "last_query_attention"), (merge, "plan_merge"),
-               (merge, "apply_merge"), (packed, "merge_packed"), (qwen2, "_compact")]
+               (merge, "apply_merge"), (packed, "merge_packed"), (decoder, "_compact")]
     originals = [(module, name, getattr(module, name)) for module, name in targets]
     depth = {"level": 0}
 

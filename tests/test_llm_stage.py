@@ -6,7 +6,7 @@ import torch
 import illava
 from illava import merge
 from illava.compat import CACHE_KEYWORD, output_cache
-from illava.patches.qwen2 import LanguageModelMerger
+from illava.patches.decoder import LanguageModelMerger
 from illava.tiny_models import tiny_llava_onevision
 
 from .conftest import logits_of, random_image, random_video
@@ -341,7 +341,7 @@ def test_llm_source_map_without_merging_is_the_plain_layout(ov):
 
 
 def test_slice_mask_formats_for_a_shortened_batch():
-    from illava.patches.qwen2 import slice_mask
+    from illava.patches.decoder import slice_mask
 
     # sample 0 kept original positions 0, 2, 3; sample 1 kept 1, 3 and got one padding slot on the left
     index = torch.tensor([[0, 2, 3], [0, 1, 3]])

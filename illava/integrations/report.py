@@ -82,7 +82,7 @@ def _vision_stages(trace: IllavaTrace, sample: int) -> tuple[dict[str, int], lis
 
 
 def _language_stages(trace: IllavaTrace, sample: int) -> dict[str, int]:
-    # Span ids number the batch's images first, then its videos (patches.qwen2.LanguageModelMerger._combine).
+    # Span ids number the batch's images first, then its videos (patches.decoder.LanguageModelMerger._combine).
     span_samples = _item_samples(trace, "image") + _item_samples(trace, "video")
     spans = [span for span, owner in enumerate(span_samples) if owner == sample]
     return {

@@ -25,7 +25,7 @@ from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionM
 from ..compat import get_anyres_image_grid_shape, select_best_resolution, unpad_image
 from ..state import IllavaState
 from .common import EncoderCall, patch_encoding
-from .qwen2 import LanguageModelMerger
+from .decoder import LanguageModelMerger
 from .siglip import patch_siglip_vision_model
 
 MODEL_CLASSES = (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)

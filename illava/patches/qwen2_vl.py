@@ -29,7 +29,7 @@ from ..state import IllavaState
 from ..trace import VisionTrace
 from .common import EncoderCall, patch_encoding
 from .packed import PackedRun, merge_packed
-from .qwen2 import LanguageModelMerger, _rotate
+from .decoder import LanguageModelMerger, _rotate
 
 MODEL_CLASSES = (Qwen2VLForConditionalGeneration, Qwen2VLModel, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel)
 PROCESSOR_CLASS_NAMES = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")

@@ -1,7 +1,7 @@
-"""LLM-stage merging inside a Qwen2-style decoder stack (`Qwen2Model`, and any text model whose layers are called
-as `layer(hidden_states, attention_mask=, position_ids=, <cache>=, position_embeddings=(cos, sin))` with
-`self_attn.{q,k}_proj`, rotate-half RoPE and a `scaling` attribute; checked on transformers 5.20 - 5.24; the cache
-keyword's name comes from `illava.compat`).
+"""LLM-stage merging inside a decoder stack, shared by every family: any text model whose layers are called as
+`layer(hidden_states, attention_mask=, position_ids=, <cache>=, position_embeddings=(cos, sin))` with
+`self_attn.{q,k}_proj`, rotate-half RoPE and a `scaling` attribute (the Qwen2 decoder of LLaVA-OneVision, Qwen2-VL
+and Qwen2.5-VL; checked on transformers 5.20 - 5.24; the cache keyword's name comes from `illava.compat`).
 
 Prefill, at each merge layer k: the visual tokens of every image/video span are scored by the attention the
 last prompt token pays them in layer k-1 (one query row from that layer's q and k, captured by hooks on the
