@@ -82,24 +82,22 @@ def output_cache(output):
 
 def image_features(output) -> torch.Tensor | None:
     """`[tokens, dim]`: the image features a VLM forward placed at its image placeholders, all images in order."""
-    if hasattr(output, "image_outputs"):
-        encoded = output.image_outputs
-        if encoded is None:
-            return None
-        pooled = encoded.pooler_output
-        return pooled.flatten(0, -2) if isinstance(pooled, torch.Tensor) else torch.cat(list(pooled), dim=0)
-    return output.image_hidden_states
+    return _placed_features(output, "image")
 
 
 def video_features(output) -> torch.Tensor | None:
     """`[tokens, dim]`: the video features a VLM forward placed at its video placeholders, all videos in order."""
-    if hasattr(output, "video_outputs"):
-        encoded = output.video_outputs
-        if encoded is None:
-            return None
-        pooled = encoded.pooler_output
-        return pooled.flatten(0, -2) if isinstance(pooled, torch.Tensor) else torch.cat(list(pooled), dim=0)
-    return output.video_hidden_states
+    return _placed_features(output, "video")
+
+
+def _placed_features(output, modality: str) -> torch.Tensor | None:
+    if not hasattr(output, f"{modality}_outputs"):  # before 5.24: the flattened features themselves
+        return getattr(output, f"{modality}_hidden_states")
+    encoded = getattr(output, f"{modality}_outputs")
+    if encoded is None:
+        return None
+    pooled = encoded.pooler_output  # per item, or [items, tokens, dim]
+    return pooled.flatten(0, -2) if isinstance(pooled, torch.Tensor) else torch.cat(list(pooled), dim=0)
 
 
 def is_tested(version: str) -> bool:

@@ -65,24 +65,22 @@ def test_the_window_is_the_one_pyproject_declares():
     assert compat.is_tested(transformers.__version__), "the installed transformers is outside the declared window"
 
 
-def test_apply_warns_once_outside_the_tested_window(monkeypatch, caplog):
+def warnings_when_applied(monkeypatch, caplog, version: str, times: int) -> list[str]:
     model, _ = tiny_llava_onevision(image_size=56, vision_layers=2, text_layers=2)
     monkeypatch.setattr(compat, "_warned", False)
-    monkeypatch.setattr(compat, "installed_version", lambda: "5.31.0")
+    monkeypatch.setattr(compat, "installed_version", lambda: version)
     with caplog.at_level(logging.WARNING, logger="illava"):
-        with illava.applied(model, enable_illava_vit=True, illava_vit_k="1", illava_vit_r=2):
-            pass
-        with illava.applied(model, enable_illava_vit=True, illava_vit_k="1", illava_vit_r=2):
-            pass
-    warnings = [record.getMessage() for record in caplog.records if "outside the tested window" in record.getMessage()]
+        for _ in range(times):
+            with illava.applied(model, enable_illava_vit=True, illava_vit_k="1", illava_vit_r=2):
+                pass
+    return [record.getMessage() for record in caplog.records if "tested window" in record.getMessage()]
+
+
+def test_apply_warns_once_outside_the_tested_window(monkeypatch, caplog):
+    warnings = warnings_when_applied(monkeypatch, caplog, "5.31.0", times=2)
     assert len(warnings) == 1 and "5.31.0" in warnings[0] and compat.TESTED_WINDOW in warnings[0]
+    assert "outside the tested window" in warnings[0]
 
 
 def test_apply_is_quiet_inside_the_tested_window(monkeypatch, caplog):
-    model, _ = tiny_llava_onevision(image_size=56, vision_layers=2, text_layers=2)
-    monkeypatch.setattr(compat, "_warned", False)
-    monkeypatch.setattr(compat, "installed_version", lambda: "5.22.2")
-    with caplog.at_level(logging.WARNING, logger="illava"):
-        with illava.applied(model, enable_illava_vit=True, illava_vit_k="1", illava_vit_r=2):
-            pass
-    assert not [record for record in caplog.records if "tested window" in record.getMessage()]
+    assert warnings_when_applied(monkeypatch, caplog, "5.22.2", times=1) == []
