@@ -5,11 +5,13 @@ and Qwen2.5-VL; checked on transformers 5.20 - 5.24; the cache keyword's name co
 
 Prefill, at each merge layer k: the visual tokens of every image/video span are scored by the attention the
 last prompt token pays them in layer k-1 (one query row from that layer's q and k, captured by hooks on the
-projections, so any attention backend works), and each span loses `illava_llm_r` tokens by the iLLaVA merge.
+projections, so any attention backend works), and each span loses `illava_llm_r` tokens the way `illava_llm_mode`
+says (the iLLaVA merge by default); the span's last visual token always survives.
 Layers >= k run on the shortened sequence: their hidden states, rotary cos/sin, position ids and mask are
 gathered at the kept positions (positions stay in the original index space). Samples of a batch that keep
 different counts are left-padded with masked slots so the batch stays rectangular and the last token stays last.
-The output is scattered back to the full length, so logits line up with the input for every caller.
+The output is scattered back to the full length, so logits line up with the input for every caller (NaN at the
+positions merged away: they have no output).
 
 The KV cache of layers >= k holds only kept tokens; a plan attached to the cache tells later forwards (decode
 steps, continued generation) which original positions those entries stand for, so their mask columns are
