@@ -11,6 +11,13 @@ a side s of a square per-crop grid (s*s tokens per crop, 2*s*s + s visual tokens
           stage for the rest (ViT stage off when that side is the full 14)
 - random: the same s*s tokens per crop kept at random (seeded), in raster order
 - pool:   each crop's 14x14 grid average-pooled to s x s
+- fastv:  FastV-style (Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2", arXiv 2403.06764): the
+          visual tokens pruned at decoder layer 2, nothing merged (iLLaVA's LLM stage in mode "drop" at k=2, so
+          ranked by the last prompt token's attention in layer 1; FastV itself averages over all queries)
+- visionzip: VisionZip-style (Yang et al. 2024, "VisionZip: Longer is Better but Not Necessary in Vision Language
+          Models", arXiv 2412.04467) per crop, from the last vision layer: the dominant tokens by attention
+          received (54/64 of the budget, in raster order), then contextual tokens: the rest split into groups
+          around evenly spaced centres by key similarity, each group averaged
 
 `--modes` runs vit / llm / both once per merge mode (`merge`, the paper's and the default, `drop`, `shift`,
 `pivot`: `illava_vit_mode` / `illava_llm_mode`); a mode other than `merge` shows as e.g. `vit:pivot`.
@@ -45,10 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `training.scenes` lives in the checkout, next to the package
 
 import illava  # noqa: E402
+from illava import merge  # noqa: E402
 from illava.default_model import DEFAULT_MODEL_PATH, build_prompt, decode_answer, load_default_model  # noqa: E402
 from training.scenes import Sample, sample  # noqa: E402
 
-METHODS = ("vit", "llm", "both", "random", "pool")
+METHODS = ("vit", "llm", "both", "random", "pool", "fastv", "visionzip")
 ILLAVA_METHODS = ("vit", "llm", "both")
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -92,6 +100,8 @@ def _stage_settings(method: str, side: int, full_side: int, vit_k: tuple[int, ..
         return vit_options(side, full_side, vit_k)
     if method == "llm":
         return llm_options(llm_tokens(side), full, llm_k)
+    if method == "fastv":
+        return dict(llm_options(llm_tokens(side), full, (2,)), illava_llm_mode="drop")
     if method == "both":
         middle = math.sqrt(llm_tokens(side) * full)
         candidates = [s for s in valid_sides(full_side, len(vit_k)) if s > side]
@@ -109,12 +119,16 @@ def describe(method: str, options: dict, side: int) -> str:
         parts.append(f"vit k={options['illava_vit_k']} r={options['illava_vit_r']}")
     if options.get("enable_illava_llm"):
         parts.append(f"llm k={options['illava_llm_k']} keep={options['illava_llm_r']:.3f}")
-    if options.get("illava_vit_mode", "merge") != "merge":
-        parts.append(f"mode {options['illava_vit_mode']}")
+    mode = options.get("illava_vit_mode", options.get("illava_llm_mode", "merge"))
+    if mode != "merge":
+        parts.append(f"mode {mode}")
     if method == "random":
         parts.append(f"random {side}x{side}/crop")
     if method == "pool":
         parts.append(f"avg-pool {side}x{side}/crop")
+    if method == "visionzip":
+        dominant, contextual = visionzip_split(side * side)
+        parts.append(f"{dominant} dominant + {contextual} contextual per crop")
     return ", ".join(parts)
 
 
@@ -153,6 +167,64 @@ def anyres_layout(inner, features: torch.Tensor, image_size, image_newline: torc
     newline = image_newline[:, None, None].expand(*grid.shape[:-1], 1).to(grid)
     grid = torch.cat((grid, newline), dim=-1).flatten(1, 2).transpose(0, 1)
     return torch.cat((features[0], grid), dim=0)
+
+
+def visionzip_split(tokens: int) -> tuple[int, int]:
+    """VisionZip's default proportion, 54 dominant + 10 contextual of 64, at any budget (at least one of each
+    when the budget allows)."""
+    dominant = min(tokens - 1, max(1, round(tokens * 54 / 64))) if tokens > 1 else tokens
+    return dominant, tokens - dominant
+
+
+def visionzip_select(features: torch.Tensor, received: torch.Tensor, keys: torch.Tensor, tokens: int) -> torch.Tensor:
+    """`features [crops, n, D]` -> `[crops, tokens, D]`: dominant tokens by attention `received [crops, n]`, then
+    contextual tokens: the others grouped around evenly spaced centres by cosine similarity of `keys [crops, n, d]`."""
+    dominant, contextual = visionzip_split(tokens)
+    crops, count, dim = features.shape
+    top = received.topk(dominant, dim=1).indices.sort(dim=1).values
+    picked = features.gather(1, top[..., None].expand(-1, -1, dim))
+    if contextual == 0:
+        return picked
+    rest = torch.ones(crops, count, dtype=torch.bool, device=features.device)
+    rest.scatter_(1, top, False)
+    rest_index = rest.nonzero()[:, 1].view(crops, count - dominant)
+    rest_features = features.gather(1, rest_index[..., None].expand(-1, -1, dim))
+    rest_keys = nn.functional.normalize(keys.gather(1, rest_index[..., None].expand(-1, -1, keys.shape[-1])), dim=-1)
+    centres = torch.linspace(0, count - dominant - 1, contextual, device=features.device).round().long()
+    similarity = rest_keys @ rest_keys[:, centres].transpose(1, 2)  # [crops, rest, contextual]
+    group = similarity.argmax(dim=-1)
+    group[:, centres] = torch.arange(contextual, device=features.device)  # each centre in its own group
+    sums = torch.zeros(crops, contextual, dim, device=features.device, dtype=torch.float32)
+    sums.scatter_add_(1, group[..., None].expand(-1, -1, dim), rest_features.float())
+    sizes = torch.zeros(crops, contextual, device=features.device).scatter_add_(1, group, torch.ones_like(group, dtype=torch.float32))
+    return torch.cat((picked, (sums / sizes[..., None]).to(features.dtype)), dim=1)
+
+
+@contextlib.contextmanager
+def visionzip_crops(model, processor, tokens: int) -> Iterator[None]:
+    """`reduced_crops` with VisionZip's selection, scored in the vision tower's last layer (the features it outputs)."""
+    attention = model.model.vision_tower.encoder.layers[-1].self_attn
+    captured: dict[str, torch.Tensor] = {}
+    handles = [attention.q_proj.register_forward_hook(lambda module, args, out: captured.update(q=out)),
+               attention.k_proj.register_forward_hook(lambda module, args, out: captured.update(k=out))]
+    heads = attention.num_heads
+
+    def reduce(features: torch.Tensor) -> torch.Tensor:
+        crops = features.shape[0]
+        # the tower encodes all crops of the batch at once; this image's crops are the first `crops` not yet used
+        query, key = (captured[name][:crops] for name in ("q", "k"))
+        captured.update(q=captured["q"][crops:], k=captured["k"][crops:])
+        query = query.view(crops, -1, heads, query.shape[-1] // heads).transpose(1, 2)
+        key_heads = key.view(crops, -1, heads, key.shape[-1] // heads).transpose(1, 2)
+        received = merge.attention_received(query, key_heads, attention.scale)
+        return visionzip_select(features, received, key_heads.mean(dim=1), tokens)
+
+    try:
+        with reduced_crops(model, processor, tokens, reduce):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
@@ -250,12 +322,15 @@ def main(argv: list[str] | None = None) -> None:
                     record(method, side, setting, lambda: run(model, processor, items, args.batch_size))
             else:
                 tokens = side * side
-                if method == "random":
+                if method == "visionzip":
+                    reducing = visionzip_crops(model, processor, tokens)
+                elif method == "random":
                     generator = torch.Generator().manual_seed(args.seed)
-                    reduce = lambda features: random_keep(features, tokens, generator)  # noqa: E731
+                    reducing = reduced_crops(model, processor, tokens,
+                                             lambda features: random_keep(features, tokens, generator))
                 else:
-                    reduce = lambda features: average_pool(features, tokens)  # noqa: E731
-                with reduced_crops(model, processor, tokens, reduce):
+                    reducing = reduced_crops(model, processor, tokens, lambda features: average_pool(features, tokens))
+                with reducing:
                     record(method, side, setting, lambda: run(model, processor, items, args.batch_size))
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -309,6 +384,8 @@ def plot(rows: list[dict], path: Path, samples: int, vit_k: tuple[int, ...], llm
         "both": "iLLaVA ViT + LLM",
         "random": "random dropping",
         "pool": "uniform average pooling",
+        "fastv": "FastV-style (drop at layer 2)",
+        "visionzip": "VisionZip-style (dominant + contextual)",
     }
     figure, axes = plt.subplots(figsize=(7, 4.5))
     methods = dict.fromkeys(row["method"] for row in rows if row["method"] not in ("full", "blank"))
