@@ -48,6 +48,19 @@ def test_checkpoint_is_small_and_complete():
     assert summary["held_out_accuracy"]["all"] >= 0.9
 
 
+def test_harness_default_dtype_loads_it_as_measured(offline):
+    """Weights are stored in bfloat16, the model card measured float32: dtype="auto" (lmms-eval's and VLMEvalKit's
+    default) must load float32."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(DEFAULT_MODEL_PATH, dtype="auto", local_files_only=True)
+    assert model.dtype == torch.float32
+    stored = load_file(DEFAULT_MODEL_PATH / "model.safetensors")
+    assert {tensor.dtype for tensor in stored.values()} == {torch.bfloat16}  # still half the size on disk
+
+
 def test_scenes_are_deterministic_and_splits_differ():
     first, again = sample("test", 3), sample("test", 3)
     assert (first.question, first.answer) == (again.question, again.answer)

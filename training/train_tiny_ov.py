@@ -289,7 +289,8 @@ LLaVA-OneVision checkpoint (`--model_path` / `from_pretrained`).
 - Input: 224x224 images in 16 px patches: a base crop and one high-resolution crop of 14x14 = 196 tokens each,
   plus 14 newline tokens (406 visual tokens); the chat template and byte-level tokenizer are saved with it.
 - Held-out accuracy (greedy exact match, {summary["held_out_samples"]} scenes of the test split, weights as
-  stored in bfloat16 and run in float32): {accuracy["all"]:.1%} ({per_kind}).
+  stored in bfloat16 and run in float32; config.json says float32, so `dtype="auto"` loads it that way):
+  {accuracy["all"]:.1%} ({per_kind}).
 - Trained in {summary["train_minutes"]} min on {summary["machine"]}, {summary["threads"]} threads:
 
       {command}
@@ -405,6 +406,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(args.out)  # half the size; see load_default_model
+    # ...but measured in float32: `dtype="auto"` (lmms-eval's and VLMEvalKit's default) reads the config's dtype
+    config_path = args.out / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(args.out)
     summary = {
         "parameters": parameters,
