@@ -63,10 +63,10 @@ def plan_merge(
     if bool((r_per_group < 0).any()) or bool((r_per_group + 1 > available).any()):
         raise ValueError(f"merge count r={r_per_group.tolist()} needs r+1 <= tokens per group {available.tolist()}")
     # Ranks: 0 = lowest-scored valid token (ties towards the earlier token), invalid tokens last.
-    keyed = scores.detach().float().masked_fill(~valid, float("inf"))
-    order = keyed.argsort(dim=1, stable=True)
     if mode == "shift":  # position order, no scores
         order = (~valid).long().argsort(dim=1, stable=True)
+    else:
+        order = scores.detach().float().masked_fill(~valid, float("inf")).argsort(dim=1, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_groups, -1))
     if mode == "merge":

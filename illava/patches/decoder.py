@@ -175,8 +175,10 @@ class _Continuation:
 class LanguageModelMerger:
     """Installs the LLM stage on one decoder stack. The family patch feeds it the visual spans of each forward."""
 
-    def __init__(self, state: IllavaState, language_model):
+    def __init__(self, state: IllavaState, language_model, model=None):
+        """`model`: the whole model whose `generate` and `labels` the stage follows (see `follow_model`)."""
         self.state = state
+        state.language_merger = self
         self.config = state.config
         self.language_model = language_model
         self.merge_layers = set(self.config.illava_llm_k)
@@ -200,6 +202,8 @@ class LanguageModelMerger:
                 attention = layer.self_attn
                 state.add_hook(attention.q_proj.register_forward_hook(self._capture_query))
                 state.add_hook(attention.k_proj.register_forward_hook(self._capture_key))
+        if model is not None and hasattr(model, "generate"):
+            self.follow_model(model)
 
     def follow_model(self, model) -> None:
         """Watch the calls of the whole model: the prompt length while `generate` runs (see

@@ -89,10 +89,7 @@ def apply(state: IllavaState, model, processor=None) -> None:
     stride = pool_stride(inner)
     if not (config.enable_illava_vit or config.enable_illava_llm or stride != 2):
         return
-    language_merger = LanguageModelMerger(state, inner.language_model) if config.enable_illava_llm else None
-    if language_merger is not None and hasattr(model, "generate"):
-        language_merger.follow_model(model)
-    state.language_merger = language_merger
+    language_merger = LanguageModelMerger(state, inner.language_model, model) if config.enable_illava_llm else None
     call = EncoderCall()
     _patch_vision(state, inner, full_tokens, stride, call)
     patch_encoding(state, model, inner, language_merger, call)

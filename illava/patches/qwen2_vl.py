@@ -48,10 +48,7 @@ def apply(state: IllavaState, model, processor=None) -> None:
     config.validate_llm(inner.config.text_config.num_hidden_layers)
     if not (config.enable_illava_vit or config.enable_illava_llm):
         return
-    language_merger = LanguageModelMerger(state, inner.language_model) if config.enable_illava_llm else None
-    if language_merger is not None and hasattr(model, "generate"):
-        language_merger.follow_model(model)
-    state.language_merger = language_merger
+    language_merger = LanguageModelMerger(state, inner.language_model, model) if config.enable_illava_llm else None
     call = EncoderCall()
     vision = PackedVision(state, visual, call)
     if config.enable_illava_vit:
