@@ -176,3 +176,58 @@ def tiny_qwen2_vl(
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
     return model, processor
+
+
+def tiny_qwen3_vl(
+    vision_depth: int = 6,
+    text_layers: int = 6,
+    deepstack_layers: tuple[int, ...] = (1, 3, 4),
+    min_pixels: int = 64 * 64,
+    max_pixels: int = 32 * 32 * 64,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    moe: bool = False,
+):
+    """A random-weight Qwen3-VL (or Qwen3-VL-MoE with `moe=True`) and its processor: patch 16, 2x2 spatial merge,
+    temporal patch 2, learned position embeddings on an 8x8 grid, DeepStack features from `deepstack_layers`
+    added after the first `len(deepstack_layers)` decoder layers. The video processor takes frames as given
+    (pass `video_metadata` for the timestamps)."""
+    import transformers
+
+    tokenizer = byte_level_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
+                  num_position_embeddings=64, deepstack_visual_indexes=list(deepstack_layers))
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                 "mrope_interleaved": True},
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    prefix = "Qwen3VLMoe" if moe else "Qwen3VL"
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    pixels = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = transformers.Qwen3VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessor(
+            size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **pixels),
+        video_processor=transformers.Qwen3VLVideoProcessor(
+            size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 4}, do_sample_frames=False,
+            cap_pixels_per_frame=False, **pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+    return model, processor

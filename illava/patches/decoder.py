@@ -1,12 +1,14 @@
 """LLM-stage merging inside a decoder stack, shared by every family: any text model whose layers are called as
 `layer(hidden_states, attention_mask=, position_ids=, <cache>=, position_embeddings=(cos, sin))` with
-`self_attn.{q,k}_proj`, rotate-half RoPE and a `scaling` attribute (the Qwen2 decoder of LLaVA-OneVision, Qwen2-VL
-and Qwen2.5-VL; checked on transformers 5.20 - 5.24; the cache keyword's name comes from `illava.compat`).
+`self_attn.{q,k}_proj` (optionally followed by per-head `q_norm` / `k_norm`), rotate-half RoPE and a `scaling`
+attribute: the Qwen2 decoder of LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL, and the Qwen3 decoder of Qwen3-VL /
+Qwen3-VL-MoE (checked on transformers 5.20 - 5.24; the cache keyword's name comes from `illava.compat`).
 
 Prefill, at each merge layer k: the visual tokens of every image/video span are scored by the attention the
 last prompt token pays them in layer k-1 (one query row from that layer's q and k, captured by hooks on the
-projections, so any attention backend works), and each span loses `illava_llm_r` tokens the way `illava_llm_mode`
-says (the iLLaVA merge by default); the span's last visual token always survives.
+projections, or on the q/k norms where the attention has them, so any attention backend works), and each span
+loses `illava_llm_r` tokens the way `illava_llm_mode` says (the iLLaVA merge by default); the span's last visual
+token always survives.
 Layers >= k run on the shortened sequence: their hidden states, rotary cos/sin, position ids and mask are
 gathered at the kept positions (positions stay in the original index space). Samples of a batch that keep
 different counts are left-padded with masked slots so the batch stays rectangular and the last token stays last.
@@ -200,8 +202,11 @@ class LanguageModelMerger:
             state.add_hook(layer.register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
             if index + 1 in self.merge_layers:
                 attention = layer.self_attn
-                state.add_hook(attention.q_proj.register_forward_hook(self._capture_query))
-                state.add_hook(attention.k_proj.register_forward_hook(self._capture_key))
+                # Qwen3 normalises every head of q and k before RoPE: the scores need the normalised heads
+                query_source = attention.q_norm if hasattr(attention, "q_norm") else attention.q_proj
+                key_source = attention.k_norm if hasattr(attention, "k_norm") else attention.k_proj
+                state.add_hook(query_source.register_forward_hook(self._capture_query))
+                state.add_hook(key_source.register_forward_hook(self._capture_key))
         if model is not None and hasattr(model, "generate"):
             self.follow_model(model)
 
@@ -225,6 +230,10 @@ class LanguageModelMerger:
                 self.prompt_end = outer
 
         self.state.override_method(model, "generate", generate)
+
+    def current_layout(self) -> Layout | None:
+        """Which original positions the running prefill's sequence holds, once a layer has merged (else None)."""
+        return self.run.layout if isinstance(self.run, _Prefill) else None
 
     # -- per forward ---------------------------------------------------------------------------------------
 

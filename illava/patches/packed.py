@@ -35,6 +35,10 @@ class PackedRun:
     rotary: tuple[torch.Tensor, ...] | None = None  # the encoder's per-token rotary tables, before any merge
     # [N] attention-window id of each current token, for encoders that alternate windowed and full attention
     window_of_token: torch.Tensor | None = None
+    # per-unit features taken from intermediate blocks (`[units, D]`, one row per current unit, e.g. Qwen3-VL's
+    # DeepStack features): every later merge is applied to them too, so each row keeps standing for the same
+    # patches as the unit it belongs to
+    followers: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
     def window_seqlens(self) -> torch.Tensor:
         """`cu_seqlens` of the current tokens' attention windows (windows left empty disappear)."""
@@ -130,6 +134,9 @@ def merge_packed(
         run.window_of_token = window_of_token[keep_tokens]
     run.cu_seqlens = torch.nn.functional.pad(keep_tokens.sum(dim=1).cumsum(0), (1, 0)).to(cu_seqlens.dtype)
     run.positions = _compact_rows(run.positions, plan.keep)
+    unit_cu_seqlens = cu_seqlens // unit
+    run.followers = [merge.apply_merge(pad_segments(features, unit_cu_seqlens)[0], plan)[plan.keep]
+                     for features in run.followers]
     if run.sources is not None:
         run.sources = merge.update_sources(run.sources, plan)
         run.source_history.append(run.sources)

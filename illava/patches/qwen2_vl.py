@@ -52,8 +52,8 @@ def apply(state: IllavaState, model, processor=None) -> None:
     call = EncoderCall()
     vision = PackedVision(state, visual, call)
     if config.enable_illava_vit:
-        _patch_features(state, inner, vision)
-        _patch_positions(state, inner, vision)
+        patch_features(state, inner, vision)
+        patch_positions(state, inner, vision)
     patch_encoding(state, model, inner, language_merger, call)
     if processor is not None and config.enable_illava_vit:
         patch_processor(state, processor, vision)
@@ -86,6 +86,8 @@ class PackedVision:
         state.add_hook(visual.register_forward_hook(self._finish, with_kwargs=True, always_call=True))
         if self.merge_layers:
             state.add_hook(visual.merger.register_forward_hook(self._expand))
+            for deepstack_merger in getattr(visual, "deepstack_merger_list", ()):  # Qwen3-VL
+                state.add_hook(deepstack_merger.register_forward_hook(self._follow))
             first = visual.blocks[self.merge_layers[0]]
             state.add_hook(first.register_forward_pre_hook(self._remember_rotary, with_kwargs=True))
             for index in range(self.merge_layers[0] + 1, len(visual.blocks)):
@@ -134,6 +136,8 @@ class PackedVision:
         run, self.run = self.run, None
         if run is not None and output is not None:
             self._record(run)
+            if run.followers and len(run.counts) > 1:
+                output.deepstack_features = [self._full_units(run, features) for features in run.followers]
         return output
 
     def _record(self, run: PackedRun) -> None:
@@ -184,9 +188,18 @@ class PackedVision:
         run = self.run
         if run is None or len(run.counts) == 1:
             return pooled
-        full = pooled.new_zeros(self.window_index.numel(), pooled.shape[-1])
-        full[run.origin[:: self.unit] // self.unit] = pooled
+        return self._full_units(run, pooled)
+
+    def _full_units(self, run: PackedRun, features: torch.Tensor) -> torch.Tensor:
+        full = features.new_zeros(self.window_index.numel(), features.shape[-1])
+        full[run.origin[:: self.unit] // self.unit] = features
         return full
+
+    def _follow(self, module, args, features):
+        """A DeepStack merger's output (one row per current window): later merges apply to it as well; the
+        encoder's output carries it at the full window count, like `pooler_output`."""
+        if self.run is not None:
+            self.run.followers.append(features)
 
     # -- blocks ---------------------------------------------------------------------------------------------
 
@@ -245,9 +258,10 @@ class PackedVision:
         return hook
 
 
-def _patch_features(state: IllavaState, inner, vision: PackedVision) -> None:
+def patch_features(state: IllavaState, inner, vision: PackedVision) -> None:
     """`get_image_features` / `get_video_features` split the encoder output by `grid_thw`; hand them a full-size
-    output and keep each item's surviving windows."""
+    output and keep each item's surviving windows (in `pooler_output`, and in every level of Qwen3-VL's
+    `deepstack_features`)."""
 
     def features(self, original, *args, **kwargs):
         output = original(*args, **kwargs)
@@ -255,6 +269,11 @@ def _patch_features(state: IllavaState, inner, vision: PackedVision) -> None:
         output.pooler_output = tuple(
             _surviving_windows(item_features, entry) for item_features, entry in zip(output.pooler_output, items)
         )
+        if getattr(output, "deepstack_features", None) is not None:
+            output.deepstack_features = [
+                tuple(_surviving_windows(item_features, entry) for item_features, entry in zip(level, items))
+                for level in output.deepstack_features
+            ]
         return output
 
     state.override_method(inner, "get_image_features", features)
@@ -268,8 +287,11 @@ def _surviving_windows(item_features: torch.Tensor, entry: VisionTrace) -> torch
     return item_features[index.to(item_features.device)]
 
 
-def _patch_positions(state: IllavaState, inner, vision: PackedVision) -> None:
-    """M-RoPE positions: visual tokens at their true (t, h, w), text exactly as without merging."""
+def patch_positions(state: IllavaState, inner, vision: PackedVision, videos_per_slice: bool = False) -> None:
+    """M-RoPE positions: visual tokens at their true (t, h, w), text exactly as without merging.
+
+    `videos_per_slice`: the prompt holds one placeholder run per temporal slice of a video, each with its own
+    positions (Qwen3-VL: timestamp text between the slices)."""
     prefill = {}
 
     def remember_inputs(module, args, kwargs):
@@ -286,7 +308,7 @@ def _patch_positions(state: IllavaState, inner, vision: PackedVision) -> None:
             attention_mask = kwargs.pop("attention_mask", attention_mask)
         return _rope_index_with_survivors(
             state, vision, original, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask,
-            **kwargs,
+            videos_per_slice, **kwargs,
         )
 
     def fix_positions(module, args, kwargs):
@@ -307,7 +329,8 @@ def _patch_positions(state: IllavaState, inner, vision: PackedVision) -> None:
         grids = [prefill[name] if prefill[name] is not None else _grids_of(state.trace.by_modality(modality), vision)
                  for name, modality in (("image_grid_thw", "image"), ("video_grid_thw", "video"))]
         extra = {"second_per_grid_ts": prefill["second_per_grid_ts"]} if prefill["second_per_grid_ts"] is not None else {}
-        repeat = _row_repeat(prefill["input_ids"], token_types, grids)
+        repeat = _row_repeat(prefill["input_ids"], token_types,
+                             [grids[0], _slices_as_videos(grids[1]) if videos_per_slice else grids[1]])
         attention_mask = prefill["attention_mask"]
         positions, _ = inner.get_rope_index(
             prefill["input_ids"][::repeat], token_types[::repeat], *grids,
@@ -352,13 +375,26 @@ def _grids_of(entries: list[VisionTrace], vision: PackedVision) -> torch.Tensor 
     return torch.tensor([[entry.groups_per_item[0], entry.grid[0] * side, entry.grid[1] * side] for entry in entries])
 
 
+def _slices_as_videos(grid_thw: torch.Tensor | None) -> torch.Tensor | None:
+    """`[n, 3]` video grids -> one `(1, h, w)` row per temporal slice."""
+    if grid_thw is None:
+        return None
+    slices = torch.repeat_interleave(grid_thw, grid_thw[:, 0], dim=0)
+    slices[:, 0] = 1
+    return slices
+
+
 def _rope_index_with_survivors(state, vision, original, input_ids, token_types, image_grid_thw, video_grid_thw,
-                               attention_mask, **extra):
+                               attention_mask, videos_per_slice=False, **extra):
     """Run transformers' own `get_rope_index` on the prompt with every merged image/video expanded back to its
     full window count, then keep the positions of the tokens that exist: text, and the surviving windows."""
     grids = {1: image_grid_thw, 2: video_grid_thw}
+    survivors = {value: [entry.positions for entry in state.trace.by_modality(name)]
+                 for value, name in MODALITY_OF_TOKEN_TYPE.items()}
+    if videos_per_slice:
+        grids[2] = _slices_as_videos(video_grid_thw)
+        survivors[2] = [positions[index : index + 1] for positions in survivors[2] for index in range(len(positions))]
     next_item = {1: 0, 2: 0}
-    entries = {value: state.trace.by_modality(name) for value, name in MODALITY_OF_TOKEN_TYPE.items()}
     rows, selections, expanded_any = [], [], False
     for sample in range(input_ids.shape[0]):
         ids, types_row = input_ids[sample], token_types[sample]
@@ -376,7 +412,7 @@ def _rope_index_with_survivors(state, vision, original, input_ids, token_types, 
                 next_item[value] += 1
                 grid = grids[value][item]
                 full = int(grid.prod()) // vision.unit
-                kept = _kept_windows(entries[value], item, grid, length, vision.unit)
+                kept = _kept_windows(survivors[value], item, grid, length, vision.unit)
                 expanded_any |= full != length
                 pieces.append((ids[start].expand(full), types_row[start].expand(full), mask_row[start].expand(full)))
                 selection.append(cursor + kept)
@@ -398,13 +434,14 @@ def _rope_index_with_survivors(state, vision, original, input_ids, token_types, 
     return positions, deltas
 
 
-def _kept_windows(entries, item: int, grid, length: int, unit: int) -> torch.Tensor:
-    """Indices (within the item's full window sequence) of its `length` surviving windows, in order. Before the
-    item is encoded (generate() asks first), any choice with the right count will do: the prefill fixes it."""
+def _kept_windows(survivors: list[torch.Tensor], item: int, grid, length: int, unit: int) -> torch.Tensor:
+    """Indices (within the item's full window sequence) of its `length` surviving windows, in order, from the
+    `[slices, kept]` survivors of each encoded item. Before the item is encoded (generate() asks first), any
+    choice with the right count will do: the prefill fixes it."""
     slices = int(grid[0])
     windows = int(grid[1] * grid[2]) // unit
-    if item < len(entries) and entries[item].positions.numel() == length:
-        positions = entries[item].positions.cpu()
+    if item < len(survivors) and survivors[item].numel() == length:
+        positions = survivors[item].cpu()
     else:
         positions = torch.arange(length // slices).expand(slices, -1)
     return (torch.arange(slices)[:, None] * windows + positions).flatten()

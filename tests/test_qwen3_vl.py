@@ -1,0 +1,311 @@
+"""Qwen3-VL / Qwen3-VL-MoE: window merging per image / frame, DeepStack features that follow the merges, true
+M-RoPE positions with the video timestamps kept, the LLM stage in the Qwen3 decoder (q/k norms, DeepStack)."""
+
+import pytest
+import torch
+from transformers.video_utils import VideoMetadata
+
+import illava
+from illava.tiny_models import tiny_qwen3_vl
+from illava.visualize.sources import write_heatmaps
+
+from .conftest import logits_of, random_image, random_video
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+VIT = dict(enable_illava_vit=True, illava_vit_k="2-3", illava_vit_r=3)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["dense", "moe"])
+def qwen3(request):
+    """Vision depth 6 with DeepStack from blocks 1, 3, 4 (injected after decoder layers 0, 1, 2); 6 text layers."""
+    model, processor = tiny_qwen3_vl(moe=request.param)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def metadata(video):
+    return VideoMetadata(total_num_frames=len(video), fps=2.0, frames_indices=list(range(len(video))))
+
+
+def encode(processor, images=(), videos=(), text="describe"):
+    prompt = IMAGE * len(images) + VIDEO * len(videos) + text
+    extra = dict(video_metadata=[metadata(video) for video in videos]) if videos else {}
+    return processor(images=list(images) or None, videos=list(videos) or None, text=prompt, return_tensors="pt", **extra)
+
+
+def sample_inputs(processor):
+    return encode(processor, [random_image(100, 150)], [random_video(4, 84, 112)])
+
+
+def capture_positions(model):
+    seen = {}
+
+    def hook(module, args, kwargs):
+        if kwargs.get("position_ids") is not None and kwargs["inputs_embeds"].shape[1] > 1:
+            seen["position_ids"] = kwargs["position_ids"]
+
+    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_disabled_and_r_zero_equal_unpatched_and_remove_restores(qwen3):
+    model, processor = qwen3
+    baseline = logits_of(model, sample_inputs(processor))
+    for options in (dict(enable_illava_vit=False), dict(VIT, illava_vit_r=0),
+                    dict(enable_illava_llm=True, illava_llm_k="1-4", illava_llm_r=0)):
+        with illava.applied(model, processor=processor, **options):
+            assert torch.equal(logits_of(model, sample_inputs(processor)), baseline)
+    with illava.applied(model, processor=processor, **VIT, enable_illava_llm=True, illava_llm_k="2"):
+        assert logits_of(model, sample_inputs(processor)).shape[1] < baseline.shape[1]
+    assert torch.equal(logits_of(model, sample_inputs(processor)), baseline)
+    visual, language = model.model.visual, model.model.language_model
+    assert not visual.blocks[2]._forward_pre_hooks and "forward" not in vars(visual.blocks[2])
+    assert not visual.deepstack_merger_list[0]._forward_hooks and "_deepstack_process" not in vars(language)
+    assert not {"get_image_features", "get_video_features"} & set(vars(model.model))
+    assert not {"replace_image_token", "replace_video_token"} & set(vars(processor))
+
+
+def test_window_counts_per_image_and_frame_and_placeholders(qwen3):
+    model, processor = qwen3
+    with illava.applied(model, processor=processor, **VIT):
+        inputs = sample_inputs(processor)
+        output = model(**inputs)
+        image, video = illava.last_trace(model).vision
+    # image: 6x10 patches = 3x5 windows = 15; video: 2 temporal slices of 3x4 windows = 12 each
+    assert (image.modality, image.grid, image.tokens_per_group) == ("image", (3, 5), [15, 12, 9])
+    assert (video.modality, video.grid, video.groups_per_item) == ("video", (3, 4), [2])
+    assert video.tokens_per_group == [12, 9, 6] and video.positions.shape == (2, 6)
+    ids = inputs["input_ids"][0]
+    assert int((ids == model.config.image_token_id).sum()) == 9
+    assert int((ids == model.config.video_token_id).sum()) == 12
+    assert output.logits.shape[1] == ids.numel()
+    text = processor.tokenizer.decode(ids)
+    assert text.count("seconds>") == 2 and text.count("<|video_pad|>" * 6 + "<|vision_end|>") == 2
+
+
+def test_fraction_r_is_a_fraction_of_windows(qwen3):
+    model, processor = qwen3
+    with illava.applied(model, processor=processor, enable_illava_vit=True, illava_vit_k="2-3-4", illava_vit_r=0.2):
+        model(**encode(processor, [random_image(100, 150)]))
+        assert illava.last_trace(model).vision[0].tokens_per_group == [15, 12, 10, 8]
+
+
+def test_a_video_is_encoded_once_as_a_video(qwen3):
+    model, processor = qwen3
+    with illava.applied(model, processor=processor, **VIT):
+        model(**encode(processor, videos=[random_video(4, 84, 112)]))
+        trace = illava.last_trace(model)
+    assert [entry.modality for entry in trace.vision] == ["video"]
+    assert trace.tokens_per_item["video"] == [12] and not trace.tokens_per_item["image"]
+
+
+def unpatched_deepstack(model, inputs):
+    with torch.no_grad():
+        output = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    return [level[0] for level in output.deepstack_features]
+
+
+def test_deepstack_features_follow_the_merges(qwen3):
+    """Block 1's features are taken before the merge in block 2: with "drop" they are the unmerged features of the
+    surviving windows; with the rank-weighted merge (r=1: the lowest window, weight 2, into the next, weight 1)
+    the survivor's row is that weighted mean. Blocks 3 and 4 come after the merge: one row per survivor."""
+    model, processor = qwen3
+    inputs = encode(processor, [random_image(100, 150)])
+    full = unpatched_deepstack(model, inputs)
+    for mode in ("drop", "merge"):
+        with illava.applied(model, processor=processor, enable_illava_vit=True, illava_vit_k="2", illava_vit_r=1,
+                            illava_vit_mode=mode, illava_track_vit_source=True):
+            levels = unpatched_deepstack(model, inputs)
+            entry = illava.last_trace(model).vision[0]
+        survivors = entry.positions[0]
+        assert [level.shape[0] for level in levels] == [14, 14, 14]
+        expected = full[0][survivors].clone()
+        if mode == "merge":
+            (merged_away,) = set(range(15)) - set(survivors.tolist())
+            target = int(entry.sources[0][merged_away])  # the survivor it went into
+            expected[target] = (2 * full[0][merged_away] + full[0][survivors[target]]) / 3
+        torch.testing.assert_close(levels[0], expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(levels[1], full[1][survivors], atol=1e-4)  # computed after the merge
+
+
+def test_survivors_keep_their_true_positions_and_the_timestamps_stay(qwen3):
+    model, processor = qwen3
+    full_inputs = sample_inputs(processor)
+    full_ids = full_inputs["input_ids"][0]
+    full_positions, full_deltas = model.model.get_rope_index(
+        full_inputs["input_ids"], full_inputs["mm_token_type_ids"], full_inputs["image_grid_thw"],
+        full_inputs["video_grid_thw"], attention_mask=full_inputs["attention_mask"],
+    )
+    tokens = (model.config.image_token_id, model.config.video_token_id)
+    with illava.applied(model, processor=processor, **VIT):
+        inputs = sample_inputs(processor)
+        ids = inputs["input_ids"][0]
+        for run in ("forward", "generate"):
+            seen, handle = capture_positions(model)
+            try:
+                if run == "forward":
+                    model(**inputs)
+                else:
+                    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            finally:
+                handle.remove()
+            positions = seen["position_ids"][-3:, 0]
+            for token_id, entry in zip(tokens, illava.last_trace(model).vision):
+                windows = entry.grid[0] * entry.grid[1]
+                kept = (torch.arange(entry.positions.shape[0])[:, None] * windows + entry.positions).flatten()
+                expected = full_positions[:, 0, (full_ids == token_id).nonzero().flatten()[kept]]
+                assert torch.equal(positions[:, ids == token_id], expected), run
+            text, full_text = (~torch.isin(row, torch.tensor(tokens)) for row in (ids, full_ids))
+            assert torch.equal(ids[text], full_ids[full_text])  # timestamps, vision start / end, prompt
+            assert torch.equal(positions[:, text], full_positions[:, 0, full_text]), run
+        assert torch.equal(model.model.rope_deltas, full_deltas + (full_ids.numel() - ids.numel()))
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=2, num_return_sequences=2), dict(num_return_sequences=2, do_sample=True)])
+def test_generate_that_repeats_rows_gives_each_row_the_prompts_positions(qwen3, options):
+    model, processor = qwen3
+    with illava.applied(model, processor=processor, **VIT):
+        inputs = sample_inputs(processor)
+        seen, handle = capture_positions(model)
+        try:
+            model(**inputs)
+            alone = seen["position_ids"][-3:]
+            torch.manual_seed(0)
+            output = model.generate(**inputs, max_new_tokens=2, **options)
+        finally:
+            handle.remove()
+    assert output.shape[0] == 2
+    assert torch.equal(seen["position_ids"][-3:], alone.expand(-1, 2, -1))
+
+
+def test_llm_scores_are_the_last_token_attention_after_the_qk_norms(qwen3):
+    """The decoder merger's scores equal eager attention probabilities of the last token (mean over heads)."""
+    model, processor = qwen3
+    inputs = encode(processor, [random_image(100, 150)])
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = model(**inputs, output_attentions=True).attentions
+        probabilities = attentions[2][0, :, -1].mean(0)  # layer 2 scores the merge before layer 3
+        with illava.applied(model, processor=processor, enable_illava_llm=True, illava_llm_k="3", illava_llm_r=3,
+                            illava_llm_mode="drop"):
+            model(**inputs)
+            kept = illava.last_trace(model).language[0].kept_positions(0)
+    finally:
+        model.set_attn_implementation("sdpa")
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    last = int(visual[-1])
+    candidates = visual[visual != last]
+    dropped = set(visual.tolist()) - set(kept.tolist())
+    expected = candidates[probabilities[candidates].argsort()[:3]]
+    assert dropped == set(expected.tolist())
+
+
+def test_llm_merge_before_the_deepstack_layers_injects_at_the_kept_positions(qwen3, monkeypatch):
+    model, processor = qwen3
+    language = model.model.language_model
+    calls, given = [], {}
+    original = type(language)._deepstack_process
+
+    def spy(self, hidden_states, visual_pos_masks, visual_embeds):
+        calls.append((visual_pos_masks.clone(), visual_embeds.clone()))
+        return original(self, hidden_states, visual_pos_masks, visual_embeds)
+
+    def remember(module, args, kwargs):
+        if kwargs.get("deepstack_visual_embeds") is not None:
+            given.update(mask=kwargs["visual_pos_masks"], embeds=kwargs["deepstack_visual_embeds"])
+
+    monkeypatch.setattr(type(language), "_deepstack_process", spy)
+    handle = language.register_forward_pre_hook(remember, with_kwargs=True)
+    try:
+        with illava.applied(model, processor=processor, **VIT, enable_illava_llm=True, illava_llm_k="1",
+                            illava_llm_r=0.5):
+            inputs = sample_inputs(processor)
+            tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            replay = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+            calls.clear()
+            model(**inputs)
+            layout = illava.last_trace(model).language[0].positions[0]
+    finally:
+        handle.remove()
+    assert torch.equal(tokens, replay)
+    mask, embeds = given["mask"][0], given["embeds"]
+    row_of_position = mask.long().cumsum(0) - 1
+    assert torch.equal(calls[0][0][0], mask)  # layer 0 runs before the merge at layer 1
+    kept_visual = layout[mask[layout]]
+    assert 0 < kept_visual.numel() < int(mask.sum())
+    for level in (1, 2):
+        kept_mask, kept_embeds = calls[level]
+        assert kept_mask.shape[1] == layout.numel() and int(kept_mask.sum()) == kept_visual.numel()
+        torch.testing.assert_close(kept_embeds, embeds[level][row_of_position[kept_visual]])
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_generate_both_stages_batch_matches_alone_and_cache_matches_replay(backend, moe):
+    model, processor = tiny_qwen3_vl(attn_implementation=backend, seed=4, moe=moe)
+    processor.tokenizer.padding_side = "left"
+    samples = [
+        dict(images=[random_image(100, 150, seed=1)], text=IMAGE + "describe"),
+        dict(videos=[random_video(4, 84, 112, seed=2)], text=VIDEO + "what happens here"),
+        dict(images=[random_image(84, 84, seed=3)], videos=[random_video(2, 84, 112, seed=4)], text=IMAGE + VIDEO + "both"),
+    ]
+    options = dict(VIT, enable_illava_llm=True, illava_llm_k="2-4", illava_llm_r=0.8)
+
+    def run(batch_samples, **extra):
+        images = [image for sample in batch_samples for image in sample.get("images", [])]
+        videos = [video for sample in batch_samples for video in sample.get("videos", [])]
+        inputs = processor(images=images or None, videos=videos or None, text=[s["text"] for s in batch_samples],
+                           padding=True, return_tensors="pt",
+                           **(dict(video_metadata=[metadata(video) for video in videos]) if videos else {}))
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **extra)
+        return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+    with illava.applied(model, processor=processor, **options):
+        tokens, logits = run(samples)
+        assert len(illava.last_trace(model).language) == 2
+        replay_tokens, replay_logits = run(samples, use_cache=False)
+        assert torch.equal(tokens, replay_tokens)
+        torch.testing.assert_close(logits, replay_logits, rtol=1e-4, atol=1e-4)
+        for index, sample in enumerate(samples):
+            alone_tokens, alone_logits = run([sample])
+            assert torch.equal(tokens[index], alone_tokens[0])
+            torch.testing.assert_close(logits[index], alone_logits[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["drop", "shift", "pivot"])
+def test_modes_give_the_counts_of_the_default_merge(qwen3, mode, tmp_path):
+    model, processor = qwen3
+    results = {}
+    for name in ("merge", mode):
+        with illava.applied(model, processor=processor, **VIT, enable_illava_llm=True, illava_llm_k="3-4",
+                            illava_llm_r=0.5, illava_vit_mode=name, illava_llm_mode=name, illava_pc_ratio=0.3,
+                            illava_track_vit_source=True, illava_track_llm_source=True):
+            inputs = sample_inputs(processor)
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            trace = illava.last_trace(model)
+            results[name] = ([entry.tokens_per_group for entry in trace.vision],
+                             [layer.visual_tokens_per_span for layer in trace.language])
+            assert write_heatmaps(model, processor, inputs, trace, tmp_path / name)
+    assert results[mode] == results["merge"]
+
+
+def test_bad_settings_name_the_value(qwen3):
+    model, processor = qwen3
+    with illava.applied(model, processor=processor, enable_illava_vit=True, illava_vit_k="2", illava_vit_r=12):
+        with pytest.raises(ValueError, match="illava_vit_r=12 leaves no token in an image/frame of 3x4"):
+            model(**encode(processor, [random_image(84, 112)]))
+    with pytest.raises(ValueError, match=r"illava_vit_k=2-9: layer\(s\) \[9\]"):
+        illava.apply(model, enable_illava_vit=True, illava_vit_k="2-9")
+    with pytest.raises(ValueError, match=r"illava_llm_k=7"):
+        illava.apply(model, enable_illava_llm=True, illava_llm_k="7")
+
+
+def test_moe_router_logits_are_refused_with_the_llm_stage():
+    model, processor = tiny_qwen3_vl(moe=True, text_layers=4)
+    inputs = encode(processor, [random_image(84, 84)])
+    with illava.applied(model, processor=processor, enable_illava_llm=True, illava_llm_k="3"):
+        with pytest.raises(ValueError, match="output_router_logits=True"):
+            model(**inputs, output_router_logits=True)
+        model(**inputs)
