@@ -23,7 +23,10 @@ from .measure import PeakMemory
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
-SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# processors that stamp each frame with its time (`<t seconds>`), from the frames' indices and the video's fps
+TIMESTAMPED_VIDEO_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+DEFAULT_FPS = 24.0  # when the container does not say
 logger = logging.getLogger(__name__)
 
 
@@ -32,9 +35,17 @@ class CliError(Exception):
 
 
 @dataclass
+class VideoTiming:
+    fps: float
+    total_frames: int
+    frame_indices: list[int]  # of the sampled frames, in the whole video
+
+
+@dataclass
 class Visual:
     kind: str  # "image", "images" or "video"
     items: list = field(default_factory=list)  # PIL images, or one [frames, H, W, 3] uint8 array
+    timing: VideoTiming | None = None  # of a video
 
 
 def load_visual(path: str, max_frames: int) -> Visual:
@@ -49,7 +60,8 @@ def load_visual(path: str, max_frames: int) -> Visual:
             raise CliError(f"--input_path {path!r} is a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return Visual("images", [open_image(file) for file in files])
     if source.suffix.lower() in VIDEO_SUFFIXES:
-        return Visual("video", [load_video(source, max_frames)])
+        frames, timing = load_timed_video(source, max_frames)
+        return Visual("video", [frames], timing)
     try:
         return Visual("image", [open_image(source)])
     except (UnidentifiedImageError, OSError) as error:
@@ -68,6 +80,11 @@ def open_image(path: Path):
 
 def load_video(path: Path, max_frames: int) -> np.ndarray:
     """`[frames, H, W, 3]` uint8, `max_frames` sampled uniformly; decord if installed, PyAV otherwise."""
+    return load_timed_video(path, max_frames)[0]
+
+
+def load_timed_video(path: Path, max_frames: int) -> tuple[np.ndarray, VideoTiming]:
+    """`load_video`, and when the frames were taken."""
     try:
         import decord
     except ImportError:
@@ -79,7 +96,8 @@ def load_video(path: Path, max_frames: int) -> np.ndarray:
             if total == 0:
                 raise CliError(f"video {str(path)!r} has no frames")
             indices = np.linspace(0, total - 1, min(max_frames, total)).round().astype(int)
-            return reader.get_batch(list(indices)).asnumpy()
+            timing = VideoTiming(float(reader.get_avg_fps() or DEFAULT_FPS), total, indices.tolist())
+            return reader.get_batch(list(indices)).asnumpy(), timing
         except (decord.DECORDError, RuntimeError) as error:  # decord raises RuntimeError for unreadable files
             raise CliError(f"cannot decode video {str(path)!r}: {error}") from None
     try:
@@ -88,13 +106,15 @@ def load_video(path: Path, max_frames: int) -> np.ndarray:
         raise CliError("reading videos needs decord or PyAV: pip install 'illava[video]'") from None
     try:
         with av.open(str(path)) as container:
+            rate = container.streams.video[0].average_rate
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     except (av.error.FFmpegError, ValueError) as error:
         raise CliError(f"cannot decode video {str(path)!r}: {error}") from None
     if not frames:
         raise CliError(f"video {str(path)!r} has no frames")
     indices = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
-    return np.stack([frames[index] for index in indices])
+    timing = VideoTiming(float(rate) if rate else DEFAULT_FPS, len(frames), indices.tolist())
+    return np.stack([frames[index] for index in indices]), timing
 
 
 def question_text(question: str) -> str:
@@ -142,6 +162,13 @@ def build_inputs(model, processor, visual: Visual, question: str, device: str, d
     media = {"videos": visual.items} if kind == "video" else {"images": [visual.items]}
     if model.config.model_type != "llava_onevision" and kind == "image":
         media = {"images": visual.items}
+    if kind == "video" and model.config.model_type in TIMESTAMPED_VIDEO_MODEL_TYPES:
+        from transformers.video_utils import VideoMetadata
+
+        timing = visual.timing
+        # the frames are sampled already (--max_frames_num); the processor only needs when each one was
+        media.update(do_sample_frames=False, video_metadata=[VideoMetadata(
+            total_num_frames=timing.total_frames, fps=timing.fps, frames_indices=timing.frame_indices)])
     inputs = processor(text=[prompt], return_tensors="pt", **media).to(device)
     for key in ("pixel_values", "pixel_values_videos"):
         if key in inputs:
@@ -229,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_inference_once.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model_path", help="a LLaVA-OneVision / Qwen2-VL / Qwen2.5-VL checkpoint folder "
-                                             "(default: the built-in default model)")
+    parser.add_argument("--model_path", help="a LLaVA-OneVision / Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE "
+                                             "checkpoint folder (default: the built-in default model)")
     parser.add_argument("--input_path", required=True, help="an image, a folder of images, or a video file")
     parser.add_argument("--question", default="Describe the image.", help="plain text, or words joined by - or _")
     parser.add_argument("--max_frames_num", type=int, default=32)

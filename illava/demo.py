@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import CliError, Visual, infer, load_model, load_video, open_image, question_text
+from .cli import CliError, Visual, infer, load_model, load_timed_video, open_image, question_text
 from .config import IllavaConfig
 from .default_model import EXAMPLE_QUESTION, SUGGESTED_SETTINGS
 
@@ -60,7 +60,8 @@ class DemoSession:
     @staticmethod
     def _visual(image_paths, video_path, max_frames: int) -> Visual:
         if video_path:
-            return Visual("video", [load_video(Path(video_path), max_frames)])
+            frames, timing = load_timed_video(Path(video_path), max_frames)
+            return Visual("video", [frames], timing)
         if not image_paths:
             raise CliError("give an image, several images, or a video")
         images = [open_image(Path(path)) for path in image_paths]

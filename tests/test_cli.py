@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from illava import cli
-from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
+from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
 from illava.visualize import group_colors, overlay_groups
 
 from .conftest import random_image
@@ -44,6 +44,7 @@ def workspace(tmp_path_factory):
     for name, (model, processor) in {
         "ov": tiny_llava_onevision(image_size=56, vision_layers=4, text_layers=4),
         "qwen": tiny_qwen2_vl(vision_depth=4, text_layers=4),
+        "qwen3": tiny_qwen3_vl(vision_depth=4, text_layers=4, deepstack_layers=(0, 2)),
     }.items():
         model.save_pretrained(root / name)
         processor.save_pretrained(root / name)
@@ -58,14 +59,14 @@ def workspace(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("model_name", ["ov", "qwen"])
+@pytest.mark.parametrize("model_name", ["ov", "qwen", "qwen3"])
 @pytest.mark.parametrize("input_name, kind", [("image.png", "image"), ("folder", "images"), ("clip.mp4", "video")])
 def test_end_to_end(workspace, capsys, model_name, input_name, kind):
     output_dir = workspace / f"out-{model_name}-{kind}"
     status = cli.main([
         "--model_path", str(workspace / model_name), "--input_path", str(workspace / input_name),
         "--question", "What-is-in_the-picture?", "--output_dir", str(output_dir), "--compare",
-        "--max_frames_num", "4", *MERGING, "--illava_vit_r", {"ov": "3", "qwen": "1"}[model_name],
+        "--max_frames_num", "4", *MERGING, "--illava_vit_r", {"ov": "3", "qwen": "1", "qwen3": "1"}[model_name],
     ])
     printed = capsys.readouterr().out
     assert status == 0, printed
@@ -155,3 +156,14 @@ def test_heatmap_colours_follow_the_merge_groups():
     assert (rendered[5, 20] < rendered[5, 25]).all()  # the first column of group 1's patch, next to group 0
     assert (rendered[5, 0:20] == rendered[5, 5]).all()  # no border inside group 0's two patches
     assert len({tuple(np.round(color, 3)) for color in group_colors(np.arange(200))}) == 200
+
+
+def test_qwen3_vl_video_frames_are_stamped_with_their_time_in_the_video(workspace):
+    """clip.mp4: 6 frames at 4 fps; 4 sampled = frames 0, 2, 3, 5, grouped in twos (temporal patch 2)."""
+    model, processor, _ = cli.load_model(cli.build_parser().parse_args(
+        ["--model_path", str(workspace / "qwen3"), "--input_path", "unused"]))
+    visual = cli.load_visual(str(workspace / "clip.mp4"), max_frames=4)
+    assert visual.timing.frame_indices == [0, 2, 3, 5] and visual.timing.fps == 4.0
+    inputs = cli.build_inputs(model, processor, visual, "what happens", "cpu", model.dtype)
+    prompt = processor.tokenizer.decode(inputs["input_ids"][0])
+    assert "<0.2 seconds>" in prompt and "<1.0 seconds>" in prompt  # (0+2)/2/4 s and (3+5)/2/4 s
