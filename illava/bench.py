@@ -3,6 +3,7 @@ baseline vs iLLaVA settings, measured side by side in one process (interleaved, 
 
     python -m illava.bench --geometry llava-ov-7b-cpu            # reduced width, runs on a CPU in minutes
     python -m illava.bench --geometry llava-ov-7b --device cuda --dtype bfloat16 --attn sdpa
+    python -m illava.bench --geometry qwen3-vl-8b-cpu            # Qwen3-VL-8B's depths, 1/8 of its width
     python -m illava.bench --geometry llava-ov-7b-cpu --video-frames 8,16,32 --memory-budget-gib 4
 
 Random weights of the real shapes (or a checkpoint with `--model_path`): timings and memory are real, answers are
@@ -44,6 +45,17 @@ QWEN2_TEXT = {
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4),
 }
+# Qwen3-VL's vision towers (patch 16, DeepStack features from three blocks) and Qwen3 text models (head_dim 128)
+QWEN3_VIT = {
+    "2b": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=[5, 11, 17]),
+    "8b": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=[8, 16, 24]),
+}
+QWEN3_TEXT = {
+    "2b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+               num_key_value_heads=8, head_dim=128),
+    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128),
+}
 # name: (family, vision shape, text shape, width divisor for a CPU-sized version)
 GEOMETRIES = {
     "llava-ov-0.5b": ("llava_onevision", SIGLIP_SO400M, QWEN2_TEXT["0.5b"], 1),
@@ -52,6 +64,10 @@ GEOMETRIES = {
     "qwen2-vl-2b": ("qwen2_vl", QWEN2_VIT, QWEN2_TEXT["1.5b"], 1),
     "qwen2-vl-7b": ("qwen2_vl", QWEN2_VIT, QWEN2_TEXT["7b"], 1),
     "qwen2-vl-7b-cpu": ("qwen2_vl", QWEN2_VIT, QWEN2_TEXT["7b"], 8),
+    "qwen3-vl-2b": ("qwen3_vl", QWEN3_VIT["2b"], QWEN3_TEXT["2b"], 1),
+    "qwen3-vl-2b-cpu": ("qwen3_vl", QWEN3_VIT["2b"], QWEN3_TEXT["2b"], 8),
+    "qwen3-vl-8b": ("qwen3_vl", QWEN3_VIT["8b"], QWEN3_TEXT["8b"], 1),
+    "qwen3-vl-8b-cpu": ("qwen3_vl", QWEN3_VIT["8b"], QWEN3_TEXT["8b"], 8),
 }
 SETTINGS = {
     "llava_onevision": {
@@ -67,6 +83,16 @@ SETTINGS = {
         "llm 6-8 keep .90": dict(enable_illava_llm=True, illava_llm_k="6-7-8", illava_llm_r=0.90),
         "both (VLMEvalKit)": dict(enable_illava_vit=True, illava_vit_k="12-13-14-15", illava_vit_r=0.16,
                                   enable_illava_llm=True, illava_llm_k="6-7-8", illava_llm_r=0.90),
+    },
+    # the reference's Qwen3-VL settings in illava's terms (its kept fraction 0.90 / 0.85 per ViT layer = r 0.10 /
+    # 0.15 merged away); the VLMEvalKit one with its mode 3 (pivot) in both stages
+    "qwen3_vl": {
+        "baseline": {},
+        "vit 5-8 r.10": dict(enable_illava_vit=True, illava_vit_k="5-6-7-8", illava_vit_r=0.10),
+        "llm 15-21 keep .85": dict(enable_illava_llm=True, illava_llm_k="15-17-19-21", illava_llm_r=0.85),
+        "both (VLMEvalKit, pivot)": dict(enable_illava_vit=True, illava_vit_k="2-3-4-5-6-7-8", illava_vit_r=0.15,
+                                         enable_illava_llm=True, illava_llm_k="19-21-23-25", illava_llm_r=0.70,
+                                         illava_vit_mode="pivot", illava_llm_mode="pivot"),
     },
 }
 VIDEO_SETTINGS = {
@@ -98,7 +124,7 @@ def build_model(geometry: str, device: str, dtype: torch.dtype, attn: str):
     """A random-weight model of a named geometry and its (offline, byte-level) processor."""
     import transformers
 
-    from .tiny_models import SPECIAL_TOKENS, byte_level_tokenizer, tiny_llava_onevision, tiny_qwen2_vl
+    from .tiny_models import SPECIAL_TOKENS, byte_level_tokenizer, tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
 
     family, vision, text, divisor = GEOMETRIES[geometry]
     vision, text = _scaled(vision, divisor), _scaled(text, divisor)
@@ -116,6 +142,18 @@ def build_model(geometry: str, device: str, dtype: torch.dtype, attn: str):
             vision_feature_layer=-1, vision_feature_select_strategy="full",
         )
         model_class = transformers.LlavaOnevisionForConditionalGeneration
+    elif family == "qwen3_vl":
+        _, processor = tiny_qwen3_vl(vision_depth=1, text_layers=1, deepstack_layers=(0,),
+                                     max_pixels=16384 * 32 * 32)
+        config = transformers.Qwen3VLConfig(
+            vision_config=dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                               out_hidden_size=text["hidden_size"], **vision),
+            text_config=dict(rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                              "mrope_interleaved": True}, **text),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        )
+        model_class = transformers.Qwen3VLForConditionalGeneration
     else:
         _, processor = tiny_qwen2_vl(vision_depth=1, text_layers=1, max_pixels=16384 * 28 * 28)
         head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -344,6 +382,7 @@ def _inputs_builder(model, processor, family: str, image_size: int, frames: int 
         ("llava_onevision", False): "<image>", ("llava_onevision", True): "<video>",
         ("qwen2_vl", False): "<|vision_start|><|image_pad|><|vision_end|>",
         ("qwen2_vl", True): "<|vision_start|><|video_pad|><|vision_end|>",
+        ("qwen3_vl", False): "<|vision_start|><|image_pad|><|vision_end|>",
     }[(family, bool(frames))]
 
     def build(batch: int):

@@ -1,6 +1,7 @@
 """Benchmark bookkeeping: FLOPs formulas on known small cases and token counts from the trace (no timings)."""
 
 import pytest
+import torch
 
 from illava import IllavaConfig, bench
 from illava.tiny_models import tiny_llava_onevision
@@ -60,3 +61,28 @@ def test_video_sweep_reports_frames_and_budget(monkeypatch):
     assert largest == {"baseline": 3, "video (paper)": 3}
     _, nothing_fits = bench.video_sweep(model, processor, [2], 0, 1, "cpu", model.dtype)
     assert nothing_fits == {"baseline": None, "video (paper)": None}
+
+
+def test_every_geometry_builds_and_its_settings_fit_its_depths():
+    import illava
+
+    for geometry, (family, *_) in bench.GEOMETRIES.items():
+        model, _, built_family = bench.build_model(geometry, "meta", torch.float32, "sdpa")
+        assert built_family == family
+        for name, options in bench.SETTINGS[family].items():
+            if options:
+                illava.apply(model, IllavaConfig(**options))  # validates the layers against the model's depths
+                illava.remove(model)
+
+
+def test_qwen3_vl_geometry_runs_the_reference_settings():
+    model, processor, family = bench.build_model("qwen3-vl-2b-cpu", "cpu", torch.float32, "sdpa")
+    assert len(model.model.visual.blocks) == 24 and model.config.text_config.num_hidden_layers == 28
+    build = bench._inputs_builder(model, processor, family, 128, None, "cpu", torch.float32)  # 8x8 patches
+    rows = {row["setting"]: row for row in bench.run_suite(model, processor, family, bench.SETTINGS[family], build,
+                                                           [1], 1, 2, "cpu")}
+    assert rows["baseline"]["visual_tokens"]["llm_visual_input"] == 16
+    assert rows["vit 5-8 r.10"]["visual_tokens"]["vit_per_group"] == [64, 60, 56, 52, 48]  # in 2x2 windows
+    both = rows["both (VLMEvalKit, pivot)"]["visual_tokens"]
+    assert both["llm_visual_input"] < 16 and len(both["llm_sequence"]) == 5
+    assert both["llm_sequence"] == sorted(both["llm_sequence"], reverse=True)
