@@ -23,9 +23,9 @@ from .measure import PeakMemory
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
-SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # processors that stamp each frame with its time (`<t seconds>`), from the frames' indices and the video's fps
-TIMESTAMPED_VIDEO_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+TIMESTAMPED_VIDEO_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", *TIMESTAMPED_VIDEO_MODEL_TYPES)
 DEFAULT_FPS = 24.0  # when the container does not say
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_inference_once.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model_path", help="a LLaVA-OneVision / Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE "
+    parser.add_argument("--model_path", help="a LLaVA-OneVision / Qwen2-VL / Qwen2.5-VL / Qwen3-VL(-MoE) / Qwen3.5 "
                                              "checkpoint folder (default: the built-in default model)")
     parser.add_argument("--input_path", required=True, help="an image, a folder of images, or a video file")
     parser.add_argument("--question", default="Describe the image.", help="plain text, or words joined by - or _")

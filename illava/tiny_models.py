@@ -187,11 +187,15 @@ def tiny_qwen3_vl(
     attn_implementation: str = "sdpa",
     seed: int = 0,
     moe: bool = False,
+    qwen3_5: bool = False,
 ):
     """A random-weight Qwen3-VL (or Qwen3-VL-MoE with `moe=True`) and its processor: patch 16, 2x2 spatial merge,
     temporal patch 2, learned position embeddings on an 8x8 grid, DeepStack features from `deepstack_layers`
     added after the first `len(deepstack_layers)` decoder layers. The video processor takes frames as given
-    (pass `video_metadata` for the timestamps)."""
+    (pass `video_metadata` for the timestamps).
+
+    `qwen3_5=True`: Qwen3.5 (or Qwen3.5-MoE): the same vision tower without DeepStack, and a language model of
+    three Gated-DeltaNet (linear attention) layers per full-attention layer."""
     import transformers
 
     tokenizer = byte_level_tokenizer()
@@ -206,7 +210,14 @@ def tiny_qwen3_vl(
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
-    prefix = "Qwen3VLMoe" if moe else "Qwen3VL"
+    if qwen3_5:
+        del vision["deepstack_visual_indexes"]
+        text.update(layer_types=[("full_attention" if index % 4 == 3 else "linear_attention")
+                                 for index in range(text_layers)],
+                    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                    linear_conv_kernel_dim=4)
+        text["rope_parameters"] = dict(text["rope_parameters"], partial_rotary_factor=1.0)
+    prefix = ("Qwen3_5" if qwen3_5 else "Qwen3VL") + ("Moe" if moe else "")
     config = getattr(transformers, f"{prefix}Config")(
         vision_config=vision,
         text_config=text,

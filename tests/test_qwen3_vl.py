@@ -309,3 +309,25 @@ def test_moe_router_logits_are_refused_with_the_llm_stage():
         with pytest.raises(ValueError, match="output_router_logits=True"):
             model(**inputs, output_router_logits=True)
         model(**inputs)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_qwen3_5_vit_stage_and_a_clear_refusal_of_the_llm_stage(moe, tmp_path):
+    model, processor = tiny_qwen3_vl(qwen3_5=True, moe=moe, text_layers=4)
+    baseline = logits_of(model, sample_inputs(processor))
+    with illava.applied(model, processor=processor, enable_illava_vit=False):
+        assert torch.equal(logits_of(model, sample_inputs(processor)), baseline)
+    with illava.applied(model, processor=processor, illava_track_vit_source=True, **VIT):
+        inputs = sample_inputs(processor)
+        model(**inputs)
+        written = write_heatmaps(model, processor, inputs, illava.last_trace(model), tmp_path)
+        assert len(written) == 2 and all(path.name.startswith("attention_map_vit_layer_") for path in written)
+        tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert torch.equal(tokens, model.generate(**inputs, max_new_tokens=2, do_sample=False, use_cache=False))
+        image, video = illava.last_trace(model).vision
+    assert image.tokens_per_group == [15, 12, 9] and video.tokens_per_group == [12, 9, 6]
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 12
+    assert torch.equal(logits_of(model, sample_inputs(processor)), baseline)
+    with pytest.raises(ValueError, match=r"enable_illava_llm is not supported on Qwen3_5.*linear-attention.*\[0, 1, 2\]"):
+        illava.apply(model, enable_illava_llm=True, illava_llm_k="3")
+    assert not illava.is_applied(model)

@@ -1,5 +1,7 @@
 """Qwen3-VL and Qwen3-VL-MoE (`Qwen3VLForConditionalGeneration`, `Qwen3VLMoeForConditionalGeneration`): ViT-stage
-merging in the packed vision blocks, LLM-stage merging in the Qwen3 decoder. Checked on transformers 5.20 - 5.24.
+merging in the packed vision blocks, LLM-stage merging in the Qwen3 decoder; Qwen3.5 / Qwen3.5-MoE
+(`Qwen3_5ForConditionalGeneration`, `Qwen3_5MoeForConditionalGeneration`: the same vision tower without DeepStack,
+and the same processor): the ViT stage. Checked on transformers 5.20 - 5.24.
 
 The vision tower is Qwen2-VL's without attention windows (every image / temporal slice is one `cu_seqlens`
 segment), so the Qwen2-VL machinery applies: whole 2x2 windows are merged per image / frame, placeholders and
@@ -14,7 +16,9 @@ timestamp text stay. What Qwen3-VL adds:
 - `get_video_features` runs `self.get_image_features`: inside it that is the model's own method, so that illava's
   wrappers handle a video once, as a video.
 - LLM stage: Qwen3 attention normalises q and k per head before RoPE (the decoder merger scores after the norms);
-  a merge layer before a DeepStack injection layer injects at the kept positions.
+  a merge layer before a DeepStack injection layer injects at the kept positions. Qwen3.5's language model puts
+  Gated-DeltaNet linear-attention layers (a recurrent state, no keys per token) between its full-attention layers,
+  so every merge layer would be followed by layers the LLM stage cannot shorten a cache for: it is refused there.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from __future__ import annotations
 import types
 
 from transformers import (
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5Model,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3_5MoeModel,
     Qwen3VLForConditionalGeneration,
     Qwen3VLModel,
     Qwen3VLMoeForConditionalGeneration,
@@ -33,7 +41,10 @@ from .common import EncoderCall, patch_encoding
 from .decoder import LanguageModelMerger
 from .qwen2_vl import PackedVision, inner_model, patch_features, patch_positions
 
-MODEL_CLASSES = (Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeModel)
+MODEL_CLASSES = (
+    Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeModel,
+    Qwen3_5ForConditionalGeneration, Qwen3_5Model, Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeModel,
+)
 PROCESSOR_CLASS_NAMES = ("Qwen3VLProcessor",)
 
 
@@ -43,6 +54,13 @@ def apply(state: IllavaState, model, processor=None) -> None:
     visual = inner.visual
     config.validate_vit(len(visual.blocks))  # windows per image vary; each segment is checked when merged
     config.validate_llm(inner.config.text_config.num_hidden_layers)
+    linear_layers = [index for index, layer in enumerate(inner.language_model.layers) if hasattr(layer, "linear_attn")]
+    if config.enable_illava_llm and linear_layers:
+        raise ValueError(
+            f"illava: enable_illava_llm is not supported on {type(model).__name__}: its language model has "
+            f"linear-attention (Gated-DeltaNet) layers {linear_layers}, whose recurrent state has no per-token keys "
+            "to score or cache entries to drop; use the ViT stage (enable_illava_vit) only"
+        )
     if not (config.enable_illava_vit or config.enable_illava_llm):
         return
     _encode_videos_once(state, inner)

@@ -4,7 +4,7 @@ layer, for both stages (LLM-stage groups mapped back through ViT merging, poolin
 Group images (what each crop / frame / temporal slice looked like to the encoder) are rebuilt from the processed
 inputs, so the patches line up exactly with the encoder's grid:
 - LLaVA-OneVision: `pixel_values [images, crops, 3, H, W]` / `pixel_values_videos [videos, frames, 3, H, W]`;
-- Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE: flattened patches `[N, C*T*p*p]` in the processor's 2x2-window order.
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL(-MoE) / Qwen3.5(-MoE): flattened patches `[N, C*T*p*p]` in the processor's 2x2-window order.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ GROUP_IMAGES = {
     "qwen2_5_vl": _qwen2_vl_images,
     "qwen3_vl": _qwen2_vl_images,
     "qwen3_vl_moe": _qwen2_vl_images,
+    "qwen3_5": _qwen2_vl_images,
+    "qwen3_5_moe": _qwen2_vl_images,
 }
 
 
