@@ -331,3 +331,20 @@ def test_qwen3_5_vit_stage_and_a_clear_refusal_of_the_llm_stage(moe, tmp_path):
     with pytest.raises(ValueError, match=r"enable_illava_llm is not supported on Qwen3_5.*linear-attention.*\[0, 1, 2\]"):
         illava.apply(model, enable_illava_llm=True, illava_llm_k="3")
     assert not illava.is_applied(model)
+
+
+def test_llm_stage_counts_a_video_as_one_span_across_its_timestamps(qwen3):
+    """A video's frame runs are one span; only its very last token is protected, in every mode the same count."""
+    model, processor = qwen3
+    counts = {}
+    for mode in ("merge", "shift"):
+        with illava.applied(model, processor=processor, enable_illava_llm=True, illava_llm_k="4", illava_llm_r=0.5,
+                            illava_llm_mode=mode):
+            inputs = encode(processor, videos=[random_video(6, 84, 112)])  # 3 frame pairs of 12 tokens
+            model(**inputs)
+            layer = illava.last_trace(model).language[0]
+            counts[mode] = layer.visual_tokens_per_span
+            kept = layer.kept_positions(0)
+        video = (inputs["input_ids"][0] == model.config.video_token_id).nonzero().flatten()
+        assert int(video[-1]) in kept.tolist()
+    assert counts == {"merge": [18], "shift": [18]}

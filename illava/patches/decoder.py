@@ -457,9 +457,13 @@ class LanguageModelMerger:
 
 
 def _last_of_each_span(span: torch.Tensor) -> torch.Tensor:
-    """`[B, L]` True at the last slot of every span (spans are contiguous runs of one id)."""
-    following = torch.nn.functional.pad(span[:, 1:], (0, 1), value=-1)
-    return (span >= 0) & (following != span)
+    """`[B, L]` True at the last slot of every span (text may interrupt a span: Qwen3-VL's frame timestamps)."""
+    batch, length = span.shape
+    slots = torch.arange(length, device=span.device).expand(batch, -1)
+    ids = span.clamp(min=0)
+    last = torch.full((batch, max(int(span.max()), 0) + 1), -1, dtype=torch.long, device=span.device)
+    last.scatter_reduce_(1, ids, torch.where(span >= 0, slots, -1), reduce="amax")
+    return (span >= 0) & (slots == last.gather(1, ids))
 
 
 def _check_labels_are_kept(labels: torch.Tensor, layout: Layout) -> None:
