@@ -6,9 +6,9 @@ from types import ModuleType
 
 
 def _families() -> list[ModuleType]:
-    from . import llava_onevision, llava_vit, qwen2_vl, qwen3_vl, siglip2
+    from . import llava_onevision, llava_vit, packing_encoders, qwen2_vl, qwen3_vl, siglip2
 
-    return [llava_onevision, qwen2_vl, qwen3_vl, llava_vit, siglip2]
+    return [llava_onevision, qwen2_vl, qwen3_vl, llava_vit, siglip2, packing_encoders]
 
 
 def _class_names(family: ModuleType) -> tuple[str, ...]:
