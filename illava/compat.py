@@ -92,6 +92,11 @@ def video_features(output) -> torch.Tensor | None:
 
 def _placed_features(output, modality: str) -> torch.Tensor | None:
     if not hasattr(output, f"{modality}_outputs"):  # before 5.24: the flattened features themselves
+        if not hasattr(output, f"{modality}_hidden_states"):  # e.g. Qwen3-VL before 5.24
+            raise ValueError(
+                f"illava: {type(output).__name__} does not carry the {modality} features it placed (transformers "
+                f"{installed_version()}); take them from the model's get_{modality}_features"
+            )
         return getattr(output, f"{modality}_hidden_states")
     encoded = getattr(output, f"{modality}_outputs")
     if encoded is None:

@@ -6,6 +6,7 @@ import torch
 from transformers.video_utils import VideoMetadata
 
 import illava
+from illava import compat
 from illava.tiny_models import tiny_qwen3_vl
 from illava.visualize.sources import write_heatmaps
 
@@ -348,3 +349,15 @@ def test_llm_stage_counts_a_video_as_one_span_across_its_timestamps(qwen3):
         video = (inputs["input_ids"][0] == model.config.video_token_id).nonzero().flatten()
         assert int(video[-1]) in kept.tolist()
     assert counts == {"merge": [18], "shift": [18]}
+
+
+def test_placed_features_from_the_output_or_a_clear_error(qwen3):
+    model, processor = qwen3
+    with illava.applied(model, processor=processor, **VIT):
+        inputs = encode(processor, [random_image(100, 150)])
+        output = model(**inputs)
+        if not hasattr(output, "image_outputs"):  # transformers < 5.24
+            with pytest.raises(ValueError, match="does not carry the image features"):
+                compat.image_features(output)
+        else:
+            assert compat.image_features(output).shape == (9, model.config.text_config.hidden_size)
