@@ -11,7 +11,7 @@ from illava import cli
 from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
 from illava.visualize import group_colors, overlay_groups
 
-from .conftest import random_image
+from .conftest import random_image, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGING = [
@@ -20,22 +20,6 @@ MERGING = [
     "--illava_track_vit_source", "True", "--illava_track_llm_source", "True",
     "--max_new_tokens", "3",
 ]
-
-
-def write_video(path: Path, frames: int = 6) -> Path:
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        rng = np.random.default_rng(0)
-        for _ in range(frames):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +37,7 @@ def workspace(tmp_path_factory):
     for index in range(3):
         random_image(50 + 10 * index, 80, seed=index).save(root / "folder" / f"{index}.jpg")
     (root / "empty").mkdir()
-    write_video(root / "clip.mp4")
+    write_mp4(root / "clip.mp4", frames=6, fps=4)
     (root / "broken.mp4").write_bytes(b"not a video at all")
     (root / "empty.mp4").write_bytes(b"")
     return root

@@ -21,9 +21,9 @@ import torch
 
 import illava
 from illava.integrations.report import merge_reports
-from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
+from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
 
-from .conftest import random_image
+from .conftest import random_image, write_mp4
 
 TASKS_DIR = Path(__file__).parent / "lmms_tasks"
 TASKS = ["illava_tiny_gen", "illava_tiny_mc", "illava_tiny_rounds"]
@@ -34,6 +34,12 @@ OV_MERGE = (
 QWEN_MERGE = (
     "min_pixels=12544,enable_illava_vit=True,illava_vit_k=1-2,illava_vit_r=0.16,"
     "enable_illava_llm=True,illava_llm_k=2,illava_llm_r=0.70"
+)
+# 4x5 windows per image and per video frame pair (qwen-vl-utils scales them up to min_pixels), 4 frames a video
+QWEN3_INPUTS = "min_pixels=16384,max_pixels=65536,max_num_frames=4"
+QWEN3_MERGE = (  # the reference's modes by number
+    "enable_illava_vit=True,illava_vit_k=1-2,illava_vit_r=0.15,illava_vit_mode=3,"
+    "enable_illava_llm=True,illava_llm_k=3,illava_llm_r=0.70,illava_llm_mode=3"
 )
 
 needs_lmms_eval = pytest.mark.skipif(
@@ -81,12 +87,15 @@ def test_merge_report_counts_tokens_per_stage_and_sample():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Tiny LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL checkpoints saved as lmms-eval loads them."""
+    """Tiny LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE checkpoints saved as lmms-eval loads
+    them (in folders whose names do not say which Qwen3-VL is the MoE one)."""
     root = tmp_path_factory.mktemp("checkpoints")
     built = {
         "ov": tiny_llava_onevision(),
         "qwen2_vl": tiny_qwen2_vl(),
         "qwen2_5_vl": tiny_qwen2_vl(model_class="Qwen2_5_VLForConditionalGeneration"),
+        "qwen3_vl": tiny_qwen3_vl(),
+        "qwen3_vl_moe": tiny_qwen3_vl(moe=True),
     }
     paths = {}
     for name, (model, processor) in built.items():
@@ -267,7 +276,10 @@ def test_entry_point_registers_the_models(tmp_path):
     script = textwrap.dedent(
         """
         from lmms_eval.models import get_model
-        for name in ("llava_onevision_training_free", "qwen2_vl_training_free", "qwen2_5_vl_training_free"):
+        for name in (
+            "llava_onevision_training_free", "qwen2_vl_training_free", "qwen2_5_vl_training_free",
+            "qwen3_vl_training_free",
+        ):
             print(name, get_model(name).__name__)
         """
     )
@@ -278,4 +290,110 @@ def test_entry_point_registers_the_models(tmp_path):
         "llava_onevision_training_free", "LlavaOneVisionTrainingFree",
         "qwen2_vl_training_free", "Qwen2VLTrainingFree",
         "qwen2_5_vl_training_free", "Qwen25VLTrainingFree",
+        "qwen3_vl_training_free", "Qwen3VLTrainingFree",
     ], completed.stdout + completed.stderr  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen3_docs(tmp_path_factory) -> list[dict]:
+    """An image document and a video document (6 frames at 4 fps; 4 sampled: frames 0, 2, 3, 5)."""
+    video = write_mp4(tmp_path_factory.mktemp("videos") / "clip.mp4", frames=6, fps=4)
+    return [{"visuals": [random_image(60, 80)]}, {"visuals": [str(video)]}]
+
+
+def qwen3_requests(kind: str) -> list:
+    """lmms-eval's request arguments for the two `qwen3_docs`."""
+    import types
+
+    def visuals(doc: dict) -> list:
+        return doc["visuals"]
+
+    if kind == "loglikelihood":
+        args = [("What is shown?", f" {c}", visuals, i, "t", "test") for i in range(2) for c in ("red", "blue")]
+    else:
+        settings = {"max_new_tokens": 3, "until": ["\n"]}
+        args = [("Describe" * (i + 1), settings, visuals, i, "t", "test") for i in range(2)]
+    return [types.SimpleNamespace(args=arg) for arg in args]
+
+
+@needs_lmms_eval
+@pytest.mark.parametrize(
+    "checkpoint, model_class",
+    [("qwen3_vl", "Qwen3VLForConditionalGeneration"), ("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration")],
+)
+def test_qwen3_vl_generates_and_scores_with_fewer_visual_tokens_when_merging(
+    checkpoints, qwen3_docs, checkpoint, model_class
+):
+    from loguru import logger
+
+    from illava.integrations.lmms_eval import Qwen3VLTrainingFree
+
+    console: list[str] = []
+    sink = logger.add(console.append, format="{message}", level="INFO")
+    runs = {}
+    try:
+        for merged in (False, True):
+            arguments = f"pretrained={checkpoints[checkpoint]},device_map=cpu,batch_size=2,{QWEN3_INPUTS}"
+            # as lmms-eval builds it from --model_args
+            lm = Qwen3VLTrainingFree.create_from_arg_string(arguments + (f",{QWEN3_MERGE}" if merged else ""))
+            assert type(lm.model).__name__ == model_class  # the MoE folder's name has no "A3B" in it
+            lm.task_dict = {"t": {"test": qwen3_docs}}
+            generated = lm.generate_until(qwen3_requests("generate"))
+            trace = illava.last_trace(lm.model) if merged else None
+            scored = lm.loglikelihood(qwen3_requests("loglikelihood"))
+            runs[merged] = generated, scored, trace
+    finally:
+        logger.remove(sink)
+    assert any(f"iLLaVA on {model_class}: ViT stage off" in line for line in console)
+    assert any(f"iLLaVA on {model_class}: ViT stage on" in line for line in console)
+    for generated, scored, _ in runs.values():
+        assert [type(result.text) for result in generated] == [str, str]
+        assert all(isinstance(loss, float) and loss > 0 and isinstance(greedy, bool) for loss, greedy in
+                   (result.text for result in scored))  # fmt: skip
+    (baseline, baseline_scores, _), (merged, merged_scores, trace) = runs[False], runs[True]
+    for plain, fewer in zip(baseline + baseline_scores, merged + merged_scores):
+        before, after = plain.token_counts.illava["visual_tokens"], fewer.token_counts.illava["visual_tokens"]
+        assert list(before) == ["llm_input"]
+        assert after["vit_layer_2"] < after["vit_input"] and after["llm_layer_3"] < after["llm_input"]
+        assert after["llm_input"] < before["llm_input"]
+    image, video = trace.vision  # of the last generation batch: the image document, then the video document
+    assert image.tokens_per_group == video.tokens_per_group == [20, 17, 15]
+    assert video.groups_per_item == [2]  # max_num_frames=4 frames, two per temporal patch
+
+
+@needs_lmms_eval
+def test_qwen3_vl_video_prompts_carry_the_frames_times(checkpoints, qwen3_docs):
+    """qwen-vl-utils hands the frame indices and the video's fps over: frames 0+2 at 4 fps are stamped 0.25 s and
+    frames 3+5 1.0 s (without them the processor would assume 24 fps: 0.0 s and 0.1 s)."""
+    from illava.integrations.lmms_eval import Qwen3VLTrainingFree
+
+    lm = Qwen3VLTrainingFree.create_from_arg_string(
+        f"pretrained={checkpoints['qwen3_vl']},device_map=cpu,{QWEN3_INPUTS},{QWEN3_MERGE}"
+    )
+    prompt, visuals = lm._prompt("Describe", qwen3_docs[1]["visuals"])
+    text = lm._illava_processor.tokenizer.decode(lm._encode([prompt], [visuals])["input_ids"][0])
+    assert "<0.2 seconds>" in text and "<1.0 seconds>" in text
+    assert text.count("<|video_pad|>") == 2 * 15  # two temporal slices of 20 windows, 15 left after the ViT merges
+
+
+@needs_lmms_eval
+def test_qwen3_vl_without_merging_answers_as_lmms_evals_own_qwen3_vl(checkpoints, qwen3_docs):
+    from lmms_eval.models.simple.qwen3_vl import Qwen3_VL
+
+    from illava.integrations.lmms_eval import Qwen3VLTrainingFree
+
+    arguments = f"pretrained={checkpoints['qwen3_vl']},device=cpu,device_map=cpu,{QWEN3_INPUTS}"
+    answers = []
+    for model in (Qwen3_VL, Qwen3VLTrainingFree):
+        lm = model.create_from_arg_string(arguments)
+        lm.task_dict = {"t": {"test": qwen3_docs}}
+        answers.append([getattr(result, "text", result) for result in lm.generate_until(qwen3_requests("generate"))])
+    assert answers[0] == answers[1]
+
+
+@needs_lmms_eval
+def test_qwen3_vl_name_refuses_other_checkpoints(checkpoints):
+    from illava.integrations.lmms_eval import Qwen3VLTrainingFree
+
+    with pytest.raises(ValueError, match="qwen3_vl / qwen3_vl_moe checkpoints .* has model_type 'qwen2_vl'"):
+        Qwen3VLTrainingFree(pretrained=str(checkpoints["qwen2_vl"]), device_map="cpu")

@@ -1,27 +1,31 @@
 """lmms-eval model classes with iLLaVA merging; import through `illava.integrations.lmms_eval`.
 
-lmms-eval's transformers-based models (`llava_hf`, `qwen2_vl`, `qwen2_5_vl`) load the checkpoint, the processor and
-the accelerator setup; `illava.apply` then patches that model and processor instance. The request loops are ours,
-shared by all classes, because the parents' do not fit merging: `llava_hf` generates one request at a time and
-scores a loglikelihood against a context length counted without the image placeholders, the Qwen models have no
-loglikelihood, and none hands per-sample data back. Here requests are batched (left padding), the continuation
-is counted on the text, and every result carries a merge report (`illava.integrations.report`) that lmms-eval
-logs with `--log_samples` under each sample's `token_counts`.
+lmms-eval's transformers-based models (`llava_hf`, `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`) load the checkpoint, the
+processor and the accelerator setup; `illava.apply` then patches that model and processor instance. The request
+loops are ours, shared by all classes, because the parents' do not fit merging: `llava_hf` generates one request at
+a time and scores a loglikelihood against a context length counted without the image placeholders, the Qwen models
+have no loglikelihood (`qwen3_vl` no multi-round generation either), and none hands per-sample data back. Here
+requests are batched (left padding), the continuation is counted on the text, and every result carries a merge
+report (`illava.integrations.report`) that lmms-eval logs with `--log_samples` under each sample's `token_counts`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
 from typing import Any
 
+import decord
 import torch
 from accelerate import PartialState
 from loguru import logger as eval_logger
 from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.imports import require_package
 from lmms_eval.models.model_utils.load_video import read_video
+from lmms_eval.models.simple import qwen3_vl as lmms_qwen3_vl
 from lmms_eval.models.simple.llava_hf import LlavaHf
 from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
@@ -153,16 +157,20 @@ class _IllavaRequests:
         if self.system_prompt:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         messages.append({"role": "user", "content": content})
-        prompt = self._illava_processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return prompt, visuals
+        return self._chat_prompt(messages), visuals
+
+    def _chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        return self._illava_processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _media(self, visuals: list[Any]) -> dict[str, Any]:
+        """The processor's image / video arguments for a batch's visuals in prompt order (a str is a video path)."""
+        images = [visual for visual in visuals if not isinstance(visual, str)]
+        videos = [read_video(path, num_frm=self._frames, fps=self.fps) for path in visuals if isinstance(path, str)]
+        return {"images": images or None, "videos": videos or None}
 
     def _encode(self, prompts: list[str], visuals: list[list[Any]]):
-        flat = [visual for row in visuals for visual in row]
-        images = [visual for visual in flat if not isinstance(visual, str)]
-        videos = [read_video(visual, num_frm=self._frames, fps=self.fps) for visual in flat if isinstance(visual, str)]
-        inputs = self._illava_processor(
-            text=prompts, images=images or None, videos=videos or None, padding=True, return_tensors="pt"
-        )
+        media = self._media([visual for row in visuals for visual in row])
+        inputs = self._illava_processor(text=prompts, padding=True, return_tensors="pt", **media)
         return inputs.to(self.model.device, self.model.dtype)
 
     def _docs(self, doc_ids, tasks, splits) -> list[Any]:
@@ -397,3 +405,78 @@ class Qwen2VLTrainingFree(_QwenTrainingFree, Qwen2_VL):
         if cls is Qwen2VLTrainingFree and _checkpoint_type(str(pretrained)) in Qwen25VLTrainingFree.model_types:
             return Qwen25VLTrainingFree.create_from_arg_string(arg_string, additional_config)
         return super().create_from_arg_string(arg_string, additional_config)
+
+
+@contextlib.contextmanager
+def _qwen3_class_by_model_type():
+    """lmms-eval's `qwen3_vl` loads the MoE class only when the checkpoint's *name* has an "A<n>B" part
+    (Qwen/Qwen3-VL-30B-A3B-Instruct): a local copy in another folder would load as the dense model, its expert
+    weights dropped and its MLPs random. While the parent loads, the config's model_type decides instead."""
+    resolve = lmms_qwen3_vl._resolve_model_class
+
+    def by_model_type(pretrained: str, _name_says_moe: bool):
+        return resolve(pretrained, _checkpoint_type(pretrained) == "qwen3_vl_moe")
+
+    lmms_qwen3_vl._resolve_model_class = by_model_type
+    try:
+        yield
+    finally:
+        lmms_qwen3_vl._resolve_model_class = resolve
+
+
+class Qwen3VLTrainingFree(_QwenTrainingFree, lmms_qwen3_vl.Qwen3_VL):
+    """`qwen3_vl_training_free`: Qwen3-VL and Qwen3-VL-MoE (`Qwen3VLForConditionalGeneration`,
+    `Qwen3VLMoeForConditionalGeneration`, chosen by the checkpoint's model_type; the parent loads bfloat16).
+
+    Images and videos are prepared as the parent prepares them: qwen-vl-utils resizes images within
+    `min_pixels` / `max_pixels` and samples `max_num_frames` frames per video (or `fps` frames a second), and
+    the processor receives them as they are, with each video's fps and frame indices for its `<t seconds>`
+    timestamps. `enable_thinking` reaches the chat template and the thinking is cut from the answers, as there.
+    """
+
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+    registered_name = "qwen3_vl_training_free"
+
+    def __init__(self, pretrained: str = "Qwen/Qwen3-VL-8B-Instruct", **kwargs: Any) -> None:
+        require_package("qwen_vl_utils", feature="qwen3_vl_training_free (it reads images and videos with it)")
+        with _qwen3_class_by_model_type():
+            super().__init__(pretrained, **kwargs)
+
+    def _chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        return self._apply_chat_template(messages)  # the parent's: passes enable_thinking to the template
+
+    def _media(self, visuals: list[Any]) -> dict[str, Any]:
+        if not visuals:
+            return {}
+        from qwen_vl_utils import process_vision_info
+
+        content = [
+            {"type": "video", "video": visual, **self._video_sampling(visual)}
+            if isinstance(visual, str)
+            else {"type": "image", "image": visual, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+            for visual in visuals
+        ]
+        images, videos, video_options = process_vision_info(
+            [{"role": "user", "content": content}],
+            return_video_kwargs=True,
+            image_patch_size=self._illava_processor.image_processor.patch_size,
+            return_video_metadata=True,
+        )
+        media = {"images": images, "do_resize": False, **video_options}  # sized already, frames sampled already
+        if videos:
+            frames, metadata = zip(*videos)
+            media.update(videos=list(frames), video_metadata=list(metadata))
+        return media
+
+    def _video_sampling(self, path: str) -> dict[str, Any]:
+        """The parent's per-video settings; a frame count is capped to the video's frames, rounded down to the
+        even count qwen-vl-utils requires (it refuses more frames than the video has)."""
+        sampling = self._build_video_kwargs()
+        if "nframes" in sampling:
+            frames = len(decord.VideoReader(path))
+            sampling["nframes"] = min(sampling["nframes"], frames - frames % 2)
+        return sampling
+
+    def _generate(self, contexts: list[str], visuals: list[list[Any]], gen_kwargs: dict[str, Any]):
+        texts, counts = super()._generate(contexts, visuals, gen_kwargs)
+        return [self._strip_thinking(text) for text in texts], counts

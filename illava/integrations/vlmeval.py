@@ -9,8 +9,9 @@ arguments. `--model-path` points the iLLaVA models at another checkpoint (a loca
 `--model-args '{"max_new_tokens": 16, "illava_options": {"enable_illava_llm": false}}'` overrides their `IllavaChat`
 keywords and updates their iLLaVA options. Each run's settings are written to
 `<work-dir>/<model>/illava_settings.json` beside VLMEvalKit's results. VLMEvalKit's own wrappers
-hard-code CUDA, flash-attention-2 and `nvidia-smi`; `IllavaChat` loads any transformers model that illava
-patches, on the CPU or a GPU, and logs a merge report per sample into VLMEvalKit's log.
+hard-code CUDA, flash-attention-2 and `nvidia-smi`; `IllavaChat` (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) and
+`Qwen3VLIllavaChat` (Qwen3-VL, Qwen3-VL-MoE) load the transformers model, on the CPU or a GPU, and log a merge
+report per sample into VLMEvalKit's log.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ try:
     from vlmeval.smp import get_logger
     from vlmeval.vlm.base import BaseModel
     from vlmeval.vlm.qwen2_vl.prompt import Qwen2VLPromptMixin
+    from vlmeval.vlm.qwen3_vl.prompt import Qwen3VLPromptMixin
 except ModuleNotFoundError as error:
     raise ImportError(
         f"illava.integrations.vlmeval needs VLMEvalKit ({error.name!r} is missing). VLMEvalKit is not on PyPI: "
@@ -36,7 +38,7 @@ except ModuleNotFoundError as error:
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from ..api import apply
 from ..cli import load_video
@@ -57,6 +59,18 @@ LLAVA_OV = dict(  # the paper's image setting
     illava_llm_k="8",
     illava_llm_r=0.70,
 )
+QWEN3_VL = dict(  # the reference's VLMEvalKit setting of Qwen3-VL-8B-Instruct-iLLaVA, in illava's semantics
+    enable_illava_vit=True,
+    illava_vit_k="2-3-4-5-6-7-8",
+    illava_vit_r=0.15,  # the reference's 0.85 is the fraction of windows kept per layer; illava's is merged away
+    illava_vit_mode="pivot",  # the reference's mode 3
+    enable_illava_llm=True,
+    illava_llm_k="19-21-23-25",
+    illava_llm_r=0.70,  # a kept fraction in both
+    illava_llm_mode="pivot",
+    illava_pc_ratio=0.05,
+)
+OCRBENCH_MIN_PIXELS = 10 * 10 * 32 * 32  # Qwen3VLChat's floor for OCRBench images
 
 
 class IllavaChat(Qwen2VLPromptMixin, BaseModel):
@@ -71,6 +85,7 @@ class IllavaChat(Qwen2VLPromptMixin, BaseModel):
     INSTALL_REQ = False
     INTERLEAVE = True
     VIDEO_LLM = True
+    model_types = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
 
     def __init__(
         self,
@@ -93,6 +108,13 @@ class IllavaChat(Qwen2VLPromptMixin, BaseModel):
             raise ValueError("iLLaVA patches transformers models; --use-vllm is not supported")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         check_checkpoint(model_path, "model_path")
+        model_type = AutoConfig.from_pretrained(model_path).model_type
+        if model_type not in self.model_types:
+            loaders = [chat.__name__ for chat in (IllavaChat, Qwen3VLIllavaChat) if model_type in chat.model_types]
+            raise ValueError(
+                f"{type(self).__name__} loads {' / '.join(self.model_types)} checkpoints; model_path={model_path!r} "
+                f"has model_type {model_type!r}" + (f" ({loaders[0]} loads it)" if loaders else "")
+            )
         pixels = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
         self.processor = AutoProcessor.from_pretrained(model_path, **pixels)
         self.model = (
@@ -109,7 +131,15 @@ class IllavaChat(Qwen2VLPromptMixin, BaseModel):
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, **generate_kwargs}
         logger.info("iLLaVA on %s (%s): %s", type(self.model).__name__, device, self.illava_config.summary())
 
-    def generate_inner(self, message: list[dict[str, str]], dataset: str | None = None) -> str:
+    def _chat(self, content: list[dict[str, Any]]) -> str:
+        messages = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        messages.append({"role": "user", "content": content})
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _inputs(self, message: list[dict[str, Any]], dataset: str | None):
+        """The processor's output for one VLMEvalKit message (text / image path / video path items)."""
         content: list[dict[str, Any]] = []
         images, videos = [], []
         for item in message:
@@ -122,14 +152,12 @@ class IllavaChat(Qwen2VLPromptMixin, BaseModel):
             else:
                 content.append({"type": "video"})
                 videos.append(load_video(Path(item["value"]), self.nframe))
-        messages = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        messages.append({"role": "user", "content": content})
-        prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = self.processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt").to(
-            self.model.device, self.model.dtype
+        return self.processor(
+            text=[self._chat(content)], images=images or None, videos=videos or None, return_tensors="pt"
         )
+
+    def generate_inner(self, message: list[dict[str, Any]], dataset: str | None = None) -> str:
+        inputs = self._inputs(message, dataset).to(self.model.device, self.model.dtype)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **self.generate_kwargs)
         report = merge_reports(self.model, inputs["input_ids"])[0]
@@ -137,8 +165,84 @@ class IllavaChat(Qwen2VLPromptMixin, BaseModel):
         return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
 
 
-def _entry(model_path: str, options: dict[str, Any], **keywords: Any) -> functools.partial:
-    return functools.partial(IllavaChat, model_path=model_path, illava_options=options, **keywords)
+class Qwen3VLIllavaChat(Qwen3VLPromptMixin, IllavaChat):
+    """`IllavaChat` for Qwen3-VL and Qwen3-VL-MoE, with the inputs VLMEvalKit's `Qwen3VLChat` builds: qwen-vl-utils
+    sizes each image within `min_pixels` / `max_pixels` (its own defaults where None; OCRBench images at least
+    `OCRBENCH_MIN_PIXELS`) and samples each video at `fps` frames a second, or `nframe` frames when `fps` is None
+    (an item's own `fps` / `nframes` first; `total_pixels` caps a video's pixels). The processor takes them as they
+    are, with each video's fps and frame indices for its `<t seconds>` timestamps. `use_custom_prompt`: Qwen3-VL's
+    dataset prompts (off in VLMEvalKit's Qwen3-VL entries). Other keywords as `IllavaChat`.
+    """
+
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+
+    def __init__(
+        self,
+        model_path: str,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        total_pixels: int | None = None,
+        fps: float | None = 2,
+        nframe: int = 128,
+        use_custom_prompt: bool = False,
+        **keywords: Any,
+    ) -> None:
+        super().__init__(model_path, use_custom_prompt=use_custom_prompt, nframe=nframe, **keywords)
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.total_pixels = total_pixels
+        self.fps = fps
+
+    def _inputs(self, message: list[dict[str, Any]], dataset: str | None):
+        from qwen_vl_utils import process_vision_info
+
+        content = [
+            {"type": "text", "text": item["value"]} if item["type"] == "text" else self._vision_element(item, dataset)
+            for item in message
+        ]
+        images, videos, video_options = process_vision_info(
+            [{"role": "user", "content": content}],
+            return_video_kwargs=True,
+            image_patch_size=self.processor.image_processor.patch_size,
+            return_video_metadata=True,
+        )
+        media = {"images": images, "do_resize": False, **video_options}  # sized already, frames sampled already
+        if videos:
+            frames, metadata = zip(*videos)
+            media.update(videos=list(frames), video_metadata=list(metadata))
+        return self.processor(text=[self._chat(content)], return_tensors="pt", **media)
+
+    def _vision_element(self, item: dict[str, Any], dataset: str | None) -> dict[str, Any]:
+        """A qwen-vl-utils content element for a VLMEvalKit image or video item (a video: a path or frame paths)."""
+        if item["type"] == "image":
+            min_pixels = OCRBENCH_MIN_PIXELS if dataset == "OCRBench" else self.min_pixels
+            element = {"type": "image", "image": item["value"], "min_pixels": min_pixels, "max_pixels": self.max_pixels}
+            passed = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+        elif item["type"] == "video":
+            element = {
+                "type": "video",
+                "video": item["value"],
+                "min_pixels": self.min_pixels,
+                "max_pixels": self.max_pixels,
+                "total_pixels": self.total_pixels,
+            }
+            passed = ("resized_height", "resized_width", "fps", "nframes", "sample_fps")
+        else:
+            raise ValueError(f"message item of type {item['type']!r}: Qwen3-VL takes text, image and video items")
+        element.update((key, item[key]) for key in passed if item.get(key) is not None)
+        if element["type"] == "video" and isinstance(element["video"], str) and not {"fps", "nframes"} & set(element):
+            if self.fps is not None:
+                element["fps"] = self.fps
+            else:  # qwen-vl-utils refuses more frames than the video has, and odd counts
+                import decord  # a VLMEvalKit requirement, not on every platform
+
+                frames = len(decord.VideoReader(element["video"]))
+                element["nframes"] = min(self.nframe, frames - frames % 2)
+        return {key: value for key, value in element.items() if value is not None}
+
+
+def _entry(model_path: str, options: dict[str, Any], chat: type = IllavaChat, **keywords: Any) -> functools.partial:
+    return functools.partial(chat, model_path=model_path, illava_options=options, **keywords)
 
 
 QWEN2_VL_BOTH = {**QWEN2_VL_VIT, **QWEN2_VL_LLM}
@@ -152,6 +256,9 @@ MODELS: dict[str, functools.partial] = {
     "Qwen2.5-VL-7B-Instruct-iLLaVA": _entry("Qwen/Qwen2.5-VL-7B-Instruct", QWEN2_VL_BOTH, **QWEN2_VL_PIXELS),
     "llava-onevision-qwen2-7b-ov-hf-iLLaVA": _entry("llava-hf/llava-onevision-qwen2-7b-ov-hf", LLAVA_OV),
     "llava-onevision-qwen2-0.5b-ov-hf-iLLaVA": _entry("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", LLAVA_OV),
+    # pixels, frames and prompts as VLMEvalKit's own Qwen3-VL entries (Qwen3VLChat's defaults, no custom prompts)
+    "Qwen3-VL-8B-Instruct-iLLaVA": _entry("Qwen/Qwen3-VL-8B-Instruct", QWEN3_VL, Qwen3VLIllavaChat),
+    "Qwen3-VL-2B-Instruct-iLLaVA": _entry("Qwen/Qwen3-VL-2B-Instruct", QWEN3_VL, Qwen3VLIllavaChat),
 }
 
 
