@@ -361,3 +361,23 @@ def test_placed_features_from_the_output_or_a_clear_error(qwen3):
                 compat.image_features(output)
         else:
             assert compat.image_features(output).shape == (9, model.config.text_config.hidden_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with flash-attn")
+def test_flash_attention_2_matches_sdpa_on_gpu():
+    """Both stages: the vision blocks' re-sliced `cu_seqlens` / `max_seqlen`, and the decoder's padding masks."""
+    pytest.importorskip("flash_attn")
+    results = {}
+    for backend in ("sdpa", "flash_attention_2"):
+        model, processor = tiny_qwen3_vl(attn_implementation=backend, seed=5)
+        model = model.to("cuda", torch.bfloat16)
+        processor.tokenizer.padding_side = "left"
+        with illava.applied(model, processor=processor, **VIT, enable_illava_llm=True, illava_llm_k="1-4",
+                            illava_llm_r=0.6):
+            inputs = processor(images=[random_image(100, 150), random_image(84, 84, seed=3)],
+                               text=[IMAGE + "describe", IMAGE + "what is it"], padding=True, return_tensors="pt")
+            inputs = inputs.to("cuda")
+            inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+            results[backend] = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(results["sdpa"], results["flash_attention_2"])
