@@ -381,3 +381,14 @@ def test_flash_attention_2_matches_sdpa_on_gpu():
             inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
             results[backend] = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(results["sdpa"], results["flash_attention_2"])
+
+
+def test_the_vision_tower_as_a_tuple_is_refused_while_merging(qwen3):
+    """A tuple output cannot carry the DeepStack features that follow the merges: an error, not misaligned rows."""
+    model, processor = qwen3
+    pixels = processor.image_processor([random_image(100, 150)], return_tensors="pt")
+    with illava.applied(model, processor=processor, **VIT):
+        with pytest.raises(ValueError, match="return_dict=True"):
+            model.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"], return_dict=False)
+        output = model.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
+    assert [level.shape[0] for level in output.deepstack_features] == [15, 15, 15]  # full window count, zeros merged

@@ -137,6 +137,8 @@ class PackedVision:
         if run is not None and output is not None:
             self._record(run)
             if run.followers and len(run.counts) > 1:
+                if not hasattr(output, "deepstack_features"):  # return_dict=False: a tuple
+                    raise ValueError("illava: call the Qwen3-VL vision tower with return_dict=True while ViT merging is on")
                 output.deepstack_features = [self._full_units(run, features) for features in run.followers]
         return output
 
