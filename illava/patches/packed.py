@@ -109,7 +109,7 @@ def merge_packed(
     Updates `run` (boundaries, origins, positions, sources, counts, windows) and returns the packed survivors.
     """
     cu_seqlens = run.cu_seqlens
-    scores = _attention_mass(query, key, scale, cu_seqlens if attention_cu_seqlens is None else attention_cu_seqlens)
+    scores = attention_mass(query, key, scale, cu_seqlens if attention_cu_seqlens is None else attention_cu_seqlens)
     padded_hidden, valid, _ = pad_segments(hidden, cu_seqlens)
     segments, longest, dim = padded_hidden.shape
     scores, _, _ = pad_segments(scores, cu_seqlens)
@@ -145,7 +145,7 @@ def merge_packed(
     return survivors
 
 
-def _attention_mass(query, key, scale, cu_seqlens) -> torch.Tensor:
+def attention_mass(query, key, scale, cu_seqlens) -> torch.Tensor:
     """`[N]` attention each token receives from the queries of its segment, summed over queries, mean over heads."""
     padded_query, valid, _ = pad_segments(query, cu_seqlens)
     padded_key, _, _ = pad_segments(key, cu_seqlens)

@@ -3,7 +3,7 @@
 
 Every frame segment (an image; each frame of a `grid_thw` row with t > 1) merges on its own, inside layer k after
 the attention residual and before the MLP, in the mode `illava_vit_mode` names. A patch's score is the attention it
-receives in that layer, averaged over heads and over all queries of its segment, computed from the layer's own q and
+receives in that layer from the queries of its segment (mean over heads), computed from the layer's own q and
 k; DINOv3's CLS and register tokens take part in that attention as the layer computed it, but they are never merged
 and never counted: an int `illava_vit_r` removes r patches per frame and layer, a float that fraction of the frame's
 current patches. Survivors keep their true positions: AIMv2 and SigLIP2 add position embeddings once, before the
@@ -27,7 +27,7 @@ from .. import merge
 from ..models.packing_encoders import AIMv2Packing, DINOv3ViTPacking, PackedSegments, Siglip2NaflexPacking
 from ..state import IllavaState
 from ..trace import VisionTrace
-from .packed import pad_segments, removals
+from .packed import attention_mass, removals
 
 MODEL_CLASSES = (AIMv2Packing, DINOv3ViTPacking, Siglip2NaflexPacking)
 
@@ -105,9 +105,10 @@ class PackedEncoderMerger:
         if int(removed.max()) > 0:
             segment, offset = segments.token_layout()
             candidates = torch.where(offset >= segments.num_prefix, segment, -1)  # prefix tokens are no candidates
+            scores = attention_mass(query, key, query.shape[-1] ** -0.5, segments.cu_seqlens)  # all three scale so
             merged = merge.merge_spans(
-                hidden[None], _received_attention(query, key, segments.cu_seqlens)[None], candidates[None],
-                self.config.vit_tokens_removed, **self.config.merge_options("vit"),
+                hidden[None], scores[None], candidates[None], self.config.vit_tokens_removed,
+                **self.config.merge_options("vit"),
             )
             keep = merged.keep[0]
             if call.standing is not None:
@@ -161,15 +162,3 @@ class PackedEncoderMerger:
             patch_start += t * h * w
             frame += t
         return output
-
-
-def _received_attention(query: torch.Tensor, key: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """`[M]` attention each token receives within its segment, mean over heads and the segment's queries.
-
-    All three encoders scale attention by head_dim^-0.5.
-    """
-    padded_query, valid, _ = pad_segments(query, cu_seqlens)
-    padded_key, _, _ = pad_segments(key, cu_seqlens)
-    scale = query.shape[-1] ** -0.5
-    received = merge.attention_received(padded_query.transpose(1, 2), padded_key.transpose(1, 2), scale, valid=valid)
-    return received[valid]
