@@ -138,7 +138,9 @@ class PackedVision:
             self._record(run)
             if run.followers and len(run.counts) > 1:
                 if not hasattr(output, "deepstack_features"):  # return_dict=False: a tuple
-                    raise ValueError("illava: call the Qwen3-VL vision tower with return_dict=True while ViT merging is on")
+                    raise ValueError(
+                        "illava: call the Qwen3-VL vision tower with return_dict=True while ViT merging is on"
+                    )
                 output.deepstack_features = [self._full_units(run, features) for features in run.followers]
         return output
 
