@@ -19,6 +19,13 @@ a side s of a square per-crop grid (s*s tokens per crop, 2*s*s + s visual tokens
           received (54/64 of the budget, in raster order), then contextual tokens: the rest split into groups
           around evenly spaced centres by key similarity, each group averaged
 
+Videos (`--media video`): 8 frames of a held-out video (`training.scenes.sample_video`: one coloured shape moving
+among still decoys; questions on its direction, colour and shape); LLaVA-OneVision pools each frame's 14x14 tower
+tokens 2x2 to 7x7 = 49 and puts one newline after the video: 8 * 49 + 1 = 393 visual tokens. A budget is t tokens
+per frame (8t + 1 for the LLM): the ViT stage keeps 4t survivors per frame in the tower (pooled to t), the LLM
+stages and FastV keep 8t + 1 of the 393, and the peers reduce each frame's pooled 7x7 grid to t (VisionZip ranks
+and groups by the last vision layer's attention received and keys, pooled 2x2 as the features are).
+
 `--modes` runs vit / llm / both once per merge mode (`merge`, the paper's and the default, `drop`, `shift`,
 `pivot`: `illava_vit_mode` / `illava_llm_mode`); a mode other than `merge` shows as e.g. `vit:pivot`.
 
@@ -26,7 +33,8 @@ random and pool reduce the projected features of each crop and lay the s x s gri
 (base crop, then the high-resolution grid with a newline per row) - the layout iLLaVA's ViT stage produces for a
 square count - so every method hands the LLM the same number of tokens in the same arrangement.
 
-    python benchmarks/accuracy_retention.py                     # 200 held-out scenes, all methods and budgets
+    python benchmarks/accuracy_retention.py                     # 200 scenes and 120 videos, all methods and budgets
+    python benchmarks/accuracy_retention.py --media video --videos 40 --frame-tokens 16 --methods vit visionzip
     python benchmarks/accuracy_retention.py --samples 40 --sides 10 7 --methods vit pool
     python benchmarks/accuracy_retention.py --methods vit llm --modes merge drop shift pivot
 """
@@ -45,6 +53,7 @@ import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,9 +63,10 @@ sys.path.insert(0, str(ROOT))  # `training.scenes` lives in the checkout, next t
 import illava  # noqa: E402
 from illava import merge  # noqa: E402
 from illava.default_model import DEFAULT_MODEL_PATH, build_prompt, decode_answer, load_default_model  # noqa: E402
-from training.scenes import Sample, sample  # noqa: E402
+from training.scenes import Sample, VideoSample, sample, sample_video  # noqa: E402
 
 METHODS = ("vit", "llm", "both", "random", "pool", "fastv", "visionzip")
+FRAME_POOL = 2  # LLaVA-OneVision pools each video frame's token grid 2x2 after the projector
 ILLAVA_METHODS = ("vit", "llm", "both")
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -113,7 +123,59 @@ def _stage_settings(method: str, side: int, full_side: int, vit_k: tuple[int, ..
     return {}
 
 
-def describe(method: str, options: dict, side: int) -> str:
+def frame_tower_tokens(frame_tokens: int) -> int:
+    """Survivors a frame needs in the vision tower to reach the LLM as `frame_tokens` after the 2x2 pooling
+    (a square grid pools bilinearly, any other count by averaging runs of four)."""
+    return FRAME_POOL**2 * frame_tokens
+
+
+def video_llm_tokens(frame_tokens: int, frames: int) -> int:
+    """Visual tokens the LLM receives for one video: every frame's tokens and one newline after the video."""
+    return frames * frame_tokens + 1
+
+
+def valid_frame_tokens(full_side: int, vit_layers: int) -> list[int]:
+    """Per-frame token counts the ViT stage reaches with an integer r on `vit_layers` layers (full count first)."""
+    full = full_side * full_side
+    pooled = math.ceil(full_side / FRAME_POOL) ** 2
+    return [tokens for tokens in range(pooled, 0, -1)
+            if tokens == pooled or (full - frame_tower_tokens(tokens)) % vit_layers == 0]
+
+
+def video_settings_for(method: str, frame_tokens: int, frames: int, full_side: int, vit_k: tuple[int, ...],
+                       llm_k: tuple[int, ...]) -> dict:
+    """`settings_for` for videos of `frames` frames at `frame_tokens` tokens per frame in the LLM."""
+    method, _, mode = method.partition(":")
+    full_frame = math.ceil(full_side / FRAME_POOL) ** 2
+    full = video_llm_tokens(full_frame, frames)
+    target = video_llm_tokens(frame_tokens, frames)
+
+    def vit(tokens: int) -> dict:
+        removed = (full_side * full_side - frame_tower_tokens(tokens)) // len(vit_k)
+        return dict(enable_illava_vit=True, illava_vit_k="-".join(map(str, vit_k)), illava_vit_r=removed)
+
+    if method == "vit":
+        options = vit(frame_tokens)
+    elif method == "llm":
+        options = llm_options(target, full, llm_k)
+    elif method == "fastv":
+        options = dict(llm_options(target, full, (2,)), illava_llm_mode="drop")
+    elif method == "both":
+        middle = math.sqrt(target * full)
+        candidates = [t for t in valid_frame_tokens(full_side, len(vit_k)) if t > frame_tokens]
+        vit_tokens = min(candidates, key=lambda t: abs(math.log(video_llm_tokens(t, frames) / middle)))
+        options = llm_options(target, video_llm_tokens(vit_tokens, frames), llm_k)
+        if vit_tokens < full_frame:
+            options.update(vit(vit_tokens))
+    else:
+        return {}
+    if mode:
+        options.update(illava_vit_mode=mode, illava_llm_mode=mode)
+    return options
+
+
+def describe(method: str, options: dict, tokens: int, unit: str = "crop") -> str:
+    """The setting of `method` in words; `tokens` per `unit` (an image crop or a video frame) for the peers."""
     parts = []
     if options.get("enable_illava_vit"):
         parts.append(f"vit k={options['illava_vit_k']} r={options['illava_vit_r']}")
@@ -122,13 +184,14 @@ def describe(method: str, options: dict, side: int) -> str:
     mode = options.get("illava_vit_mode", options.get("illava_llm_mode", "merge"))
     if mode != "merge":
         parts.append(f"mode {mode}")
+    side = math.isqrt(tokens)
     if method == "random":
-        parts.append(f"random {side}x{side}/crop")
+        parts.append(f"random {tokens}/{unit}")
     if method == "pool":
-        parts.append(f"avg-pool {side}x{side}/crop")
+        parts.append(f"avg-pool {side}x{side}/{unit}")
     if method == "visionzip":
-        dominant, contextual = visionzip_split(side * side)
-        parts.append(f"{dominant} dominant + {contextual} contextual per crop")
+        dominant, contextual = visionzip_split(tokens)
+        parts.append(f"{dominant} dominant + {contextual} contextual per {unit}")
     return ", ".join(parts)
 
 
@@ -249,7 +312,89 @@ def reduced_crops(model, processor, tokens: int, reduce: Callable[[torch.Tensor]
         processor.num_image_tokens = full_tokens
 
 
+@contextlib.contextmanager
+def reduced_frames(model, processor, tokens: int, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, each video frame reaches the LLM as `tokens` features reduced from its pooled grid
+    (`reduce`: `[frames, pooled, D] -> [frames, tokens, D]`), and prompts carry as many placeholders."""
+    inner = model.model
+    pool = inner.apply_pooling
+
+    def apply_pooling(self, features):
+        return reduce(pool(features))
+
+    def replace_video_token(self, video_inputs, video_idx, **kwargs):
+        video = video_inputs["pixel_values_videos"][video_idx]
+        frames = len(video) if isinstance(video, (list, tuple)) else video.shape[0]
+        return self.video_token * video_llm_tokens(tokens, frames)
+
+    inner.apply_pooling = types.MethodType(apply_pooling, inner)
+    processor.replace_video_token = types.MethodType(replace_video_token, processor)
+    try:
+        yield
+    finally:
+        del inner.apply_pooling
+        del processor.replace_video_token
+
+
+@contextlib.contextmanager
+def visionzip_frames(model, processor, tokens: int) -> Iterator[None]:
+    """`reduced_frames` with VisionZip's selection per frame: attention received in the vision tower's last layer
+    and its keys, pooled 2x2 as the features are, rank and group each frame's pooled tokens."""
+    attention = model.model.vision_tower.encoder.layers[-1].self_attn
+    captured: dict[str, torch.Tensor] = {}
+    handles = [attention.q_proj.register_forward_hook(lambda module, args, out: captured.update(q=out)),
+               attention.k_proj.register_forward_hook(lambda module, args, out: captured.update(k=out))]
+    heads = attention.num_heads
+
+    def pooled(values: torch.Tensor) -> torch.Tensor:  # [frames, n, C] -> [frames, pooled n, C], as apply_pooling
+        frames, count, channels = values.shape
+        side = math.isqrt(count)
+        grid = values.transpose(1, 2).reshape(frames, channels, side, side)
+        size = [math.ceil(side / FRAME_POOL)] * 2
+        return nn.functional.interpolate(grid, size=size, mode="bilinear").flatten(2).transpose(1, 2)
+
+    def reduce(features: torch.Tensor) -> torch.Tensor:
+        frames = features.shape[0]
+        query, key = captured["q"], captured["k"]
+        query = query.view(frames, -1, heads, query.shape[-1] // heads).transpose(1, 2)
+        key_heads = key.view(frames, -1, heads, key.shape[-1] // heads).transpose(1, 2)
+        received = merge.attention_received(query, key_heads, attention.scale)
+        return visionzip_select(features, pooled(received[..., None])[..., 0], pooled(key_heads.mean(dim=1)), tokens)
+
+    try:
+        with reduced_frames(model, processor, tokens, reduce):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # -- evaluation -------------------------------------------------------------------------------------------
+
+
+def video_prompt(processor, question: str) -> str:
+    """The prompt for one video and one question: a user turn, then the assistant's start (as for images)."""
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@torch.no_grad()
+def run_videos(model, processor, items: list[VideoSample], batch_size: int) -> tuple[float, float]:
+    """`run` for videos: exact-match accuracy and the mean visual tokens the LLM's last layers saw per video."""
+    hits, visual = [], []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        texts = [video_prompt(processor, item.question) for item in batch]
+        videos = [np.stack([np.asarray(frame) for frame in item.frames]) for item in batch]
+        inputs = processor(videos=videos, text=texts, return_tensors="pt", padding=True)
+        generated = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        hits += [answer == item.answer for answer, item in zip(decode_answer(processor, generated, inputs), batch)]
+        counts = (inputs["input_ids"] == model.config.video_token_id).sum(dim=1).tolist()
+        if illava.is_applied(model) and illava.last_trace(model).language:
+            counts = illava.last_trace(model).language[-1].visual_tokens_per_span
+        visual += counts
+    return sum(hits) / len(hits), sum(visual) / len(visual)
+
 
 
 @torch.no_grad()
@@ -269,11 +414,39 @@ def run(model, processor, items: list[Sample], batch_size: int) -> tuple[float, 
     return sum(hits) / len(hits), sum(visual) / len(visual)
 
 
+@dataclasses.dataclass
+class Media:
+    """One benchmark: images (budgets are per-crop grid sides) or videos (budgets are tokens per frame)."""
+
+    name: str
+    items: list
+    blank: list
+    budgets: list[int]
+    full_budget: int
+    llm_tokens: Callable[[int], int]  # budget -> visual tokens the LLM receives per item
+    settings: Callable[[str, int], dict]  # (method, budget) -> illava options ({} for a peer)
+    reduction: Callable[[str, int], contextlib.AbstractContextManager]  # (peer, budget) -> its patch
+    run: Callable[[list], tuple[float, float]]
+    unit: str  # what a budget counts, for the table
+
+    def unit_tokens(self, budget: int) -> tuple[int, str]:
+        """Tokens per crop or frame at `budget`, and which."""
+        return (budget * budget, "crop") if self.name == "image" else (budget, "frame")
+
+    def budget_label(self, budget: int) -> str:
+        return f"{budget}x{budget} = {budget * budget}" if self.name == "image" else str(budget)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--media", nargs="+", choices=("image", "video"), default=["image", "video"])
     parser.add_argument("--samples", type=int, default=200, help="held-out scenes (test split, from index 0)")
     parser.add_argument("--sides", type=int, nargs="+", default=[13, 11, 10, 8, 7, 5, 4],
                         help="per-crop grid sides to test (each must be reachable by the ViT stage)")
+    parser.add_argument("--videos", type=int, default=120, help="held-out videos (test split, from index 0)")
+    parser.add_argument("--frames", type=int, default=8, help="frames per video")
+    parser.add_argument("--frame-tokens", type=int, nargs="+", default=[25, 16, 4],
+                        help="video budgets: tokens per frame the LLM receives (of 49; each reachable by the ViT stage)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--modes", nargs="+", choices=illava.config.MODE_NAMES, default=["merge"],
                         help="merge modes for the iLLaVA methods (vit, llm, both)")
@@ -292,85 +465,121 @@ def main(argv: list[str] | None = None) -> None:
     llm_k = illava.IllavaConfig(illava_llm_k=args.llm_k).illava_llm_k
     model, processor = load_default_model(path=args.model)
     full_side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    reachable = valid_sides(full_side, len(vit_k))
-    unreachable = [side for side in args.sides if side not in reachable or side >= full_side]
-    if unreachable:
-        raise SystemExit(f"sides {unreachable} are not reachable with {len(vit_k)} ViT merge layers; use {reachable[1:]}")
-    items = [sample("test", index) for index in range(args.samples)]
-    blank = [dataclasses.replace(item, image=item.image.point(lambda _: 128)) for item in items]
+    benchmarks = []
+    if "image" in args.media:
+        reachable = valid_sides(full_side, len(vit_k))
+        unreachable = [side for side in args.sides if side not in reachable or side >= full_side]
+        if unreachable:
+            raise SystemExit(f"sides {unreachable} are not reachable with {len(vit_k)} ViT merge layers; use {reachable[1:]}")
+        items = [sample("test", index) for index in range(args.samples)]
+        benchmarks.append(Media(
+            "image", items, [dataclasses.replace(item, image=item.image.point(lambda _: 128)) for item in items],
+            args.sides, full_side, llm_tokens,
+            lambda method, side: settings_for(method, side, full_side, vit_k, llm_k),
+            lambda method, side: crop_reduction(model, processor, method, side * side, args.seed),
+            lambda batch: run(model, processor, batch, args.batch_size), "tokens/crop"))
+    if "video" in args.media:
+        reachable = valid_frame_tokens(full_side, len(vit_k))
+        square = "pool" in args.methods  # pooling reaches square grids only
+        reachable = [tokens for tokens in reachable if not square or math.isqrt(tokens) ** 2 == tokens]
+        unreachable = [tokens for tokens in args.frame_tokens if tokens not in reachable[1:]]
+        if unreachable:
+            raise SystemExit(f"--frame-tokens {unreachable} are not reachable with {len(vit_k)} ViT merge layers"
+                             f"{' and pooling' if square else ''}; use {reachable[1:]}")
+        videos = [sample_video("test", index, args.frames) for index in range(args.videos)]
+        grey = [dataclasses.replace(item, frames=[frame.point(lambda _: 128) for frame in item.frames]) for item in videos]
+        benchmarks.append(Media(
+            "video", videos, grey, args.frame_tokens, reachable[0],
+            lambda tokens: video_llm_tokens(tokens, args.frames),
+            lambda method, tokens: video_settings_for(method, tokens, args.frames, full_side, vit_k, llm_k),
+            lambda method, tokens: frame_reduction(model, processor, method, tokens, args.seed),
+            lambda batch: run_videos(model, processor, batch, args.batch_size), "tokens/frame"))
 
-    rows = []
-
-    def record(method: str, side: int, setting: str, measure: Callable[[], tuple[float, float]]) -> None:
-        start = time.perf_counter()
-        accuracy, visual = measure()
-        rows.append(dict(method=method, side=side, setting=setting, accuracy=accuracy, visual_tokens=visual,
-                         seconds=time.perf_counter() - start))
-        print(f"{method:8s} side {side:2d}  {setting:45s} visual {visual:6.1f}  accuracy {accuracy:.3f}  "
-              f"[{rows[-1]['seconds']:.0f} s]", flush=True)
-
-    record("full", full_side, "no reduction", lambda: run(model, processor, items, args.batch_size))
-    record("blank", full_side, "grey image (text-only floor)", lambda: run(model, processor, blank, args.batch_size))
     methods = [f"{method}:{mode}" if mode != "merge" else method
                for method in args.methods for mode in (args.modes if method in ILLAVA_METHODS else ["merge"])]
-    for method in methods:
-        for side in args.sides:
-            options = settings_for(method, side, full_side, vit_k, llm_k)
-            setting = describe(method, options, side)
-            if options:
-                with illava.applied(model, options, processor=processor):
-                    record(method, side, setting, lambda: run(model, processor, items, args.batch_size))
-            else:
-                tokens = side * side
-                if method == "visionzip":
-                    reducing = visionzip_crops(model, processor, tokens)
-                elif method == "random":
-                    generator = torch.Generator().manual_seed(args.seed)
-                    reducing = reduced_crops(model, processor, tokens,
-                                             lambda features: random_keep(features, tokens, generator))
-                else:
-                    reducing = reduced_crops(model, processor, tokens, lambda features: average_pool(features, tokens))
-                with reducing:
-                    record(method, side, setting, lambda: run(model, processor, items, args.batch_size))
-
     args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows, args.samples, command)
-    (args.out / "accuracy_retention.md").write_text(table)
-    (args.out / "accuracy_retention.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    plot(rows, args.out / "accuracy_retention.png", args.samples, vit_k, llm_k)
-    print()
-    print(table)
-    print(f"wrote {args.out / 'accuracy_retention.md'}, .json and .png")
+    for media in benchmarks:
+        rows = []
+
+        def record(method: str, budget: int, setting: str, items: list) -> None:
+            start = time.perf_counter()
+            accuracy, visual = media.run(items)
+            rows.append(dict(method=method, side=budget, setting=setting, accuracy=accuracy, visual_tokens=visual,
+                             seconds=time.perf_counter() - start))
+            print(f"{media.name} {method:8s} {media.unit} {budget:2d}  {setting:45s} visual {visual:6.1f}  "
+                  f"accuracy {accuracy:.3f}  [{rows[-1]['seconds']:.0f} s]", flush=True)
+
+        record("full", media.full_budget, "no reduction", media.items)
+        record("blank", media.full_budget, "grey image (text-only floor)", media.blank)
+        for method in methods:
+            for budget in media.budgets:
+                options = media.settings(method, budget)
+                setting = describe(method, options, *media.unit_tokens(budget))
+                if options:
+                    with illava.applied(model, options, processor=processor):
+                        record(method, budget, setting, media.items)
+                else:
+                    with media.reduction(method, budget):
+                        record(method, budget, setting, media.items)
+        stem = "accuracy_retention" if media.name == "image" else "accuracy_retention_video"
+        table = markdown_table(rows, media, command)
+        (args.out / f"{stem}.md").write_text(table)
+        (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+        plot(rows, media, args.out / f"{stem}.png", vit_k, llm_k)
+        print()
+        print(table)
+        print(f"wrote {args.out / stem}.md, .json and .png")
 
 
-def markdown_table(rows: list[dict], samples: int, command: str) -> str:
+def crop_reduction(model, processor, method: str, tokens: int, seed: int) -> contextlib.AbstractContextManager:
+    """The peer `method`'s patch, reducing each image crop to `tokens`."""
+    if method == "visionzip":
+        return visionzip_crops(model, processor, tokens)
+    if method == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return reduced_crops(model, processor, tokens, lambda features: random_keep(features, tokens, generator))
+    return reduced_crops(model, processor, tokens, lambda features: average_pool(features, tokens))
+
+
+def frame_reduction(model, processor, method: str, tokens: int, seed: int) -> contextlib.AbstractContextManager:
+    """The peer `method`'s patch, reducing each video frame's pooled grid to `tokens`."""
+    if method == "visionzip":
+        return visionzip_frames(model, processor, tokens)
+    if method == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return reduced_frames(model, processor, tokens, lambda features: random_keep(features, tokens, generator))
+    return reduced_frames(model, processor, tokens, lambda features: average_pool(features, tokens))
+
+
+def markdown_table(rows: list[dict], media: Media, command: str) -> str:
     """Accuracy per method (columns) and budget (rows); the budget is the visual tokens the LLM receives."""
     full = next(row for row in rows if row["method"] == "full")
     blank = next(row for row in rows if row["method"] == "blank")
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] not in ("full", "blank")))
-    sides = sorted({row["side"] for row in rows if row["method"] in methods}, reverse=True)
+    budgets = sorted({row["side"] for row in rows if row["method"] in methods}, reverse=True)
+    full_tokens = media.llm_tokens(full["side"])
     lines = [
-        f"Accuracy (exact match, greedy) on {samples} held-out scenes; full model {full['accuracy']:.3f} with "
-        f"{llm_tokens(full['side'])} visual tokens, grey image (text only) {blank['accuracy']:.3f}.",
+        f"Accuracy (exact match, greedy) on {len(media.items)} held-out {media.name}s; full model "
+        f"{full['accuracy']:.3f} with {full_tokens} visual tokens, grey {media.name} (text only) {blank['accuracy']:.3f}.",
         "",
-        "| tokens/crop | LLM visual tokens | " + " | ".join(methods) + " |",
+        f"| {media.unit} | LLM visual tokens | " + " | ".join(methods) + " |",
         "|---|---|" + "---|" * len(methods),
     ]
-    for side in sides:
+    for budget in budgets:
         cells = []
         for method in methods:
-            match = [row for row in rows if row["method"] == method and row["side"] == side]
+            match = [row for row in rows if row["method"] == method and row["side"] == budget]
             cells.append(f"{match[0]['accuracy']:.3f}" if match else "")
-        lines.append(f"| {side}x{side} = {side * side} | {llm_tokens(side)} ({llm_tokens(side) / llm_tokens(full['side']):.0%}) | "
-                     + " | ".join(cells) + " |")
+        tokens = media.llm_tokens(budget)
+        lines.append(f"| {media.budget_label(budget)} | {tokens} ({tokens / full_tokens:.0%}) | " + " | ".join(cells) + " |")
     lines += ["", "Settings:", ""]
-    lines += [f"- {row['method']} {row['side']}x{row['side']}: {row['setting']}" for row in rows
+    lines += [f"- {row['method']} {media.budget_label(row['side'])}: {row['setting']}" for row in rows
               if row["method"] in methods]
     lines += ["", f"Command: `{command}`", ""]
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, samples: int, vit_k: tuple[int, ...], llm_k: tuple[int, ...]) -> None:
+def plot(rows: list[dict], media: Media, path: Path, vit_k: tuple[int, ...], llm_k: tuple[int, ...]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,14 +601,14 @@ def plot(rows: list[dict], path: Path, samples: int, vit_k: tuple[int, ...], llm
     for method in methods:
         stage, _, mode = method.partition(":")
         label = labels[stage] + (f", {mode}" if mode else "")
-        points = sorted((llm_tokens(row["side"]), row["accuracy"]) for row in rows if row["method"] == method)
+        points = sorted((media.llm_tokens(row["side"]), row["accuracy"]) for row in rows if row["method"] == method)
         if points:
-            points.append((llm_tokens(full["side"]), full["accuracy"]))
+            points.append((media.llm_tokens(full["side"]), full["accuracy"]))
             axes.plot(*zip(*points), marker="o", label=label)
-    axes.axhline(blank["accuracy"], color="grey", linestyle=":", label="grey image (text only)")
+    axes.axhline(blank["accuracy"], color="grey", linestyle=":", label=f"grey {media.name} (text only)")
     axes.set_xlabel("visual tokens the LLM works on (after the last merge)")
     axes.set_ylabel("held-out accuracy")
-    axes.set_title(f"Tiny LLaVA-OneVision on generated scenes, {samples} held-out questions")
+    axes.set_title(f"Tiny LLaVA-OneVision on generated scenes, {len(media.items)} held-out {media.name}s")
     axes.set_ylim(0, 1.02)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)

@@ -132,6 +132,22 @@ def build_model(vision_width: int, vision_layers: int, text_width: int, text_lay
     return model, processor
 
 
+def load_trained(path: Path):
+    """A trained checkpoint (weights in float32) and its processor, its vocabulary grown by any `VOCABULARY` words
+    it lacks (new rows start at the mean embedding, as `resize_token_embeddings` makes them)."""
+    from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    processor = LlavaOnevisionProcessor.from_pretrained(path)
+    tokenizer = processor.tokenizer
+    missing = [word for word in VOCABULARY if word not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing)
+        model.resize_token_embeddings(len(tokenizer))
+    model.set_attn_implementation("sdpa")
+    return model, processor
+
+
 def conversation(processor, turns: list[Question], rng: random.Random, media: str | None = "image") -> str:
     """The chat-template text of a conversation about one image or video (`media` "image", "video", or None for
     text only), one turn per question as asked (`ask`), main question first.
@@ -501,12 +517,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=0, help="steps between interim evaluations (0: none)")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_PATH)
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue from this trained checkpoint: no stage 1, its architecture and processor")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    model, processor = build_model(args.vision_width, args.vision_layers, args.text_width, args.text_layers, args.seed)
+    if args.init_from:
+        model, processor = load_trained(args.init_from)
+    else:
+        model, processor = build_model(args.vision_width, args.vision_layers, args.text_width, args.text_layers, args.seed)
     model.train()
     parameters = sum(p.numel() for p in model.parameters())
     print(f"model: {parameters / 1e6:.2f} M parameters; {vars(args)}", flush=True)
@@ -524,7 +546,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     held_out = [sample("test", index) for index in range(args.eval)]
     start = time.time()
-    seed_projector(model, pretrain_vision(model, processor, args.vision_steps, args.vision_batch, args.vision_lr))
+    if not args.init_from:
+        seed_projector(model, pretrain_vision(model, processor, args.vision_steps, args.vision_batch, args.vision_lr))
     warm_up_language(model, processor, args.language_steps, args.language_batch, args.lr,
                      video_share=args.video_batch / (args.batch + args.video_batch))
     running_loss = running_hits = running_answers = running_steps = 0

@@ -43,6 +43,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from ..api import apply
 from ..cli import load_video
 from ..config import IllavaConfig
+from ..default_model import DEFAULT_MODEL_PATH, SUGGESTED_SETTINGS
 from .checkpoints import check_checkpoint
 from .report import merge_reports
 
@@ -259,6 +260,9 @@ MODELS: dict[str, functools.partial] = {
     # pixels, frames and prompts as VLMEvalKit's own Qwen3-VL entries (Qwen3VLChat's defaults, no custom prompts)
     "Qwen3-VL-8B-Instruct-iLLaVA": _entry("Qwen/Qwen3-VL-8B-Instruct", QWEN3_VL, Qwen3VLIllavaChat),
     "Qwen3-VL-2B-Instruct-iLLaVA": _entry("Qwen/Qwen3-VL-2B-Instruct", QWEN3_VL, Qwen3VLIllavaChat),
+    # the built-in demo model, unmerged and with its suggested settings: a harness run needs no download
+    "illava-tiny-ov-scenes": _entry(str(DEFAULT_MODEL_PATH), {"enable_illava_vit": False, "enable_illava_llm": False}),
+    "illava-tiny-ov-scenes-iLLaVA": _entry(str(DEFAULT_MODEL_PATH), SUGGESTED_SETTINGS),
 }
 
 
