@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -208,6 +209,17 @@ def mcq_options(rng: random.Random, kind: str, answer: str) -> list[str]:
     return options
 
 
+def mcq_choice(text: str, options: tuple[str, ...]) -> str | None:
+    """The option a multiple-choice answer picks, as VLMEvalKit's exact matching (`can_infer`) reads it: the one
+    standalone option letter it gives, else the one option whose text it contains; None when neither is unique."""
+    letters = OPTION_LETTERS[: len(options)]
+    found = set(re.findall(rf"\b([{letters}])\b", text))
+    if len(found) == 1:
+        return found.pop()
+    named = [letter for letter, option in zip(letters, options) if option.lower() in text.lower()]
+    return named[0] if len(named) == 1 and not found else None
+
+
 def in_format(question: Question, prompt_format: str, rng: random.Random) -> Question:
     """`question` as the harness of `prompt_format` (one of `PROMPT_FORMATS`) asks it, with the answer it scores:
     the question's own text and answer word ("own"), lmms-eval's short-answer suffix ("lmms_short"), or lettered
@@ -217,15 +229,17 @@ def in_format(question: Question, prompt_format: str, rng: random.Random) -> Que
     if prompt_format == "lmms_short":
         return Question(question.kind, f"{question.text}\n{LMMS_SHORT_ANSWER}", question.answer)
     options = mcq_options(rng, question.kind, question.answer)
-    letter = OPTION_LETTERS[options.index(question.answer)]
+    # answered with the option's text: the harnesses read the option from it (`mcq_choice`), and a 4-layer decoder
+    # did not learn to look the right letter up in training (see training/logs)
+    answer = question.answer
     lines = [f"{option_letter}. {option}" for option_letter, option in zip(OPTION_LETTERS, options)]
     if prompt_format == "lmms_mc":
-        return Question(question.kind, "\n".join([question.text, *lines, LMMS_LETTER_ANSWER]), letter, tuple(options))
+        return Question(question.kind, "\n".join([question.text, *lines, LMMS_LETTER_ANSWER]), answer, tuple(options))
     if prompt_format == "vlmeval_mcq":
         hint = f"Hint: {rng.choice(HINTS)}\n" if rng.random() < _HINT_RATE else ""
         options_text = "".join(f"{line}\n" for line in lines)
         text = f"{hint}Question: {question.text}\nOptions:\n{options_text}{VLMEVAL_INSTRUCTION}"
-        return Question(question.kind, text, letter, tuple(options))
+        return Question(question.kind, text, answer, tuple(options))
     raise ValueError(f"unknown prompt format {prompt_format!r}; expected one of {PROMPT_FORMATS}")
 
 

@@ -1,5 +1,5 @@
 """Document functions of the generated-scene lmms-eval tasks (see _illava_scenes_template_yaml): short answers
-scored by exact match after normalising ("Three." -> "3"), options scored by the first option letter answered."""
+scored by exact match after normalising ("Three." -> "3"), options by the option the answer picks."""
 
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ def process_results_short(doc: dict[str, Any], results: list[str]) -> dict[str, 
 
 
 def process_results_mc(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """The option the answer picks, read as VLMEvalKit's exact matching reads it: its one standalone option
+    letter, else the one option whose text it contains ("B", "blue", "B. blue")."""
     options = _options(doc)
-    letters = re.findall(rf"\b([{''.join(options)}])\b", results[0].strip())
-    return {"accuracy": float(bool(letters) and letters[0] == doc["answer"]), "chance": 1 / len(options)}
+    answer = results[0]
+    letters = set(re.findall(rf"\b([{''.join(options)}])\b", answer))
+    named = {letter for letter, text in options.items() if text.lower() in answer.lower()}
+    picked = letters if letters else named
+    return {"accuracy": float(picked == {doc["answer"]}), "chance": 1 / len(options)}
