@@ -22,7 +22,7 @@ Videos (`sample_video`) are scenes whose one coloured shape moves in a straight 
 still background, with questions about its direction (left / right / up / down), colour and shape.
 
 Evaluation harnesses ask their own way (`in_format`): VLMEvalKit's multiple-choice prompt ("Question: ...\nOptions:\n
-A. ...") and lmms-eval's short-answer and multiple-choice suffixes, answered by a word or an option's letter; the
+A. ...") and lmms-eval's short-answer and multiple-choice suffixes, answered by a word (the option's text); the
 options are a shuffled subset of the answer set (`mcq_options`).
 """
 
@@ -109,7 +109,7 @@ class Question:
     kind: str
     text: str
     answer: str
-    options: tuple[str, ...] = ()  # those offered by a multiple-choice prompt; the answer is then a letter
+    options: tuple[str, ...] = ()  # those offered by a multiple-choice prompt (the answer is one of them)
 
 
 @dataclasses.dataclass
@@ -223,7 +223,8 @@ def mcq_choice(text: str, options: tuple[str, ...]) -> str | None:
 def in_format(question: Question, prompt_format: str, rng: random.Random) -> Question:
     """`question` as the harness of `prompt_format` (one of `PROMPT_FORMATS`) asks it, with the answer it scores:
     the question's own text and answer word ("own"), lmms-eval's short-answer suffix ("lmms_short"), or lettered
-    options and the right one's letter (VLMEvalKit's "vlmeval_mcq", with a hint line now and then; "lmms_mc")."""
+    options, answered with the right option's text (VLMEvalKit's "vlmeval_mcq", with a hint line now and then;
+    "lmms_mc")."""
     if prompt_format == "own":
         return question
     if prompt_format == "lmms_short":
