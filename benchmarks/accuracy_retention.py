@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
             "image", items, [dataclasses.replace(item, image=item.image.point(lambda _: 128)) for item in items],
             args.sides, full_side, llm_tokens,
             lambda method, side: settings_for(method, side, full_side, vit_k, llm_k),
-            lambda method, side: crop_reduction(model, processor, method, side * side, args.seed),
+            lambda method, side: peer_reduction(model, processor, "image", method, side * side, args.seed),
             lambda batch: run(model, processor, batch, args.batch_size), "tokens/crop"))
     if "video" in args.media:
         reachable = valid_frame_tokens(full_side, len(vit_k))
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
             "video", videos, grey, args.frame_tokens, reachable[0],
             lambda tokens: video_llm_tokens(tokens, args.frames),
             lambda method, tokens: video_settings_for(method, tokens, args.frames, full_side, vit_k, llm_k),
-            lambda method, tokens: frame_reduction(model, processor, method, tokens, args.seed),
+            lambda method, tokens: peer_reduction(model, processor, "video", method, tokens, args.seed),
             lambda batch: run_videos(model, processor, batch, args.batch_size), "tokens/frame"))
 
     methods = [f"{method}:{mode}" if mode != "merge" else method
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"accuracy {accuracy:.3f}  [{rows[-1]['seconds']:.0f} s]", flush=True)
 
         record("full", media.full_budget, "no reduction", media.items)
-        record("blank", media.full_budget, "grey image (text-only floor)", media.blank)
+        record("blank", media.full_budget, f"grey {media.name} (text-only floor)", media.blank)
         for method in methods:
             for budget in media.budgets:
                 options = media.settings(method, budget)
@@ -531,24 +531,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out / stem}.md, .json and .png")
 
 
-def crop_reduction(model, processor, method: str, tokens: int, seed: int) -> contextlib.AbstractContextManager:
-    """The peer `method`'s patch, reducing each image crop to `tokens`."""
+def peer_reduction(model, processor, media: str, method: str, tokens: int, seed: int) -> contextlib.AbstractContextManager:
+    """The peer `method`'s patch, reducing each image crop (`media` "image") or each video frame's pooled grid
+    ("video") to `tokens`."""
     if method == "visionzip":
-        return visionzip_crops(model, processor, tokens)
+        return (visionzip_crops if media == "image" else visionzip_frames)(model, processor, tokens)
+    reduced = reduced_crops if media == "image" else reduced_frames
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
-        return reduced_crops(model, processor, tokens, lambda features: random_keep(features, tokens, generator))
-    return reduced_crops(model, processor, tokens, lambda features: average_pool(features, tokens))
-
-
-def frame_reduction(model, processor, method: str, tokens: int, seed: int) -> contextlib.AbstractContextManager:
-    """The peer `method`'s patch, reducing each video frame's pooled grid to `tokens`."""
-    if method == "visionzip":
-        return visionzip_frames(model, processor, tokens)
-    if method == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return reduced_frames(model, processor, tokens, lambda features: random_keep(features, tokens, generator))
-    return reduced_frames(model, processor, tokens, lambda features: average_pool(features, tokens))
+        return reduced(model, processor, tokens, lambda features: random_keep(features, tokens, generator))
+    return reduced(model, processor, tokens, lambda features: average_pool(features, tokens))
 
 
 def markdown_table(rows: list[dict], media: Media, command: str) -> str:

@@ -73,7 +73,7 @@ def test_frame_reductions_hand_the_llm_the_budget():
 
     assert visual_tokens() == 4 * 49 + 1
     for method in ("random", "pool", "visionzip"):
-        with benchmark.frame_reduction(model, processor, method, 16, seed=0):
+        with benchmark.peer_reduction(model, processor, "video", method, 16, seed=0):
             assert visual_tokens() == 4 * 16 + 1, method
     assert visual_tokens() == 4 * 49 + 1  # the patches are gone
     with illava.applied(model, benchmark.video_settings_for("vit", 16, 4, 14, (2, 3, 4), (2,)), processor=processor):
