@@ -4,14 +4,18 @@ The next transformers change should be one edit here. Each entry is detected fro
 (a parameter name, a dataclass field), not from its version number, so a release that backports or delays a change
 still gets the right one; the version is only used to warn when it lies outside the window CI tests.
 
-Tested window (the whole suite, CI runs the lowest and the newest): transformers 5.20 - 5.24.
+The tested window is stated here and only here (`TESTED_LOWEST`, `TESTED_NEWEST_MINOR`): CI runs the whole suite on
+the lowest release and on the newest one on PyPI. pyproject declares the lower bound and no upper cap, so a newer
+release is not downgraded away; it gets a warning until CI has tested it.
 What moved inside it:
 - 5.24 renamed the KV-cache keyword and output field `past_key_values` -> `cache` (the old keyword is renamed inside
   `forward` by a deprecation shim, so forward pre-hooks see whichever name the caller used);
 - 5.24 replaced LLaVA-OneVision's `image_hidden_states` / `video_hidden_states` outputs by `image_outputs` /
   `video_outputs` (the encoders' own outputs, `pooler_output` per image / `[videos, tokens, dim]`);
 - 5.24 renamed the cache parameter of the mask helpers (`create_bidirectional_mask`: not passed by illava);
-- 5.20 - 5.22 `generate()` hands the whole prompt's `mm_token_type_ids` to every decode step of Qwen2-VL.
+- 5.20 - 5.22 `generate()` hands the whole prompt's `mm_token_type_ids` to every decode step of Qwen2-VL;
+- 5.25 kernelizes models in `from_pretrained` by default (hub kernels, `use_kernels`) and again on `train()` /
+  `eval()`: a layer decorated for hub kernels cannot carry a merging forward (`illava.state` refuses it by name).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from transformers.vision_utils import get_vision_window_index
 logger = logging.getLogger(__name__)
 
 TESTED_LOWEST = "5.20.0"
-TESTED_NEWEST_MINOR = "5.24"
+TESTED_NEWEST_MINOR = "5.25"
 TESTED_WINDOW = f"transformers {TESTED_LOWEST} - {TESTED_NEWEST_MINOR}.x"
 
 __all__ = [

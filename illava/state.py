@@ -28,6 +28,8 @@ class IllavaState:
 
     def set_attribute(self, obj: Any, name: str, value: Any) -> None:
         """Set an instance attribute, remembering whether the instance had its own value before."""
+        if name == "forward":
+            _refuse_hub_kernel_layer(obj)
         self._attributes.append((obj, name, obj.__dict__.get(name, _MISSING)))
         setattr(obj, name, value)
 
@@ -68,6 +70,19 @@ class IllavaState:
             _restore(obj, name, previous)
         self._hooks.clear()
         self._attributes.clear()
+
+
+def _refuse_hub_kernel_layer(module: Any) -> None:
+    """Hub kernels (the `kernels` library; transformers >= 5.25 applies them in `from_pretrained` by default and
+    again on every `train()` / `eval()`) replace or reset the instance `forward` of each module whose class is
+    decorated for them: a merging forward installed there would be dropped silently."""
+    layer_name = getattr(type(module), "kernel_layer_name", None)
+    if layer_name is not None:
+        raise RuntimeError(
+            f"illava: {type(module).__name__} is a hub-kernel layer ({layer_name!r}): transformers' kernelization "
+            "replaces its forward, which illava's merge must replace too; load the model with use_kernels=False "
+            "(or set USE_HUB_KERNELS=0) to merge in it"
+        )
 
 
 def _restore(obj: Any, name: str, previous: Any) -> None:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from illava.default_model import DEFAULT_MODEL_PATH, SUGGESTED_SETTINGS
@@ -45,6 +44,8 @@ def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
 @pytest.mark.skipif(importlib.util.find_spec("vlmeval") is None,
                     reason="VLMEvalKit is not installed (a source checkout, pip install -e)")
 def test_vlmevalkit_mcq_on_generated_scenes(tmp_path):
+    import pandas as pd  # a VLMEvalKit dependency, not one of the test extra's
+
     data = tmp_path / "LMUData"
     write_vlmeval_mcq_tsv(data / "IllavaScenesMCQ.tsv", start=START, count=IMAGES)
     rows = pd.read_csv(data / "IllavaScenesMCQ.tsv", sep="\t")

@@ -3,7 +3,7 @@
 Each class wraps an instance of the transformers model (`Aimv2VisionModel`, `DINOv3ViTModel`, `Siglip2VisionModel`)
 and adopts its submodules under their own names, so the state-dict keys are the transformers ones: `from_pretrained`
 loads any checkpoint of that model, `load_state_dict` takes its state dicts, and the wrapped instance keeps working
-on the same parameters. Checked on transformers 5.20 - 5.24.
+on the same parameters. Checked on the tested window (`illava.compat`).
 
 Input: `hidden_states [N, p*p*C]`, the patches of all images concatenated (no padding), each flattened channels-last
 as (p, p, C) (`convert_to_packing_format`; LLaVA-ViT's own model uses (C, p, p)), and `grid_thw [n, 3]` (t, h, w) in

@@ -1,8 +1,9 @@
 """Patches every supported model family needs around its encoders: trace bookkeeping, placeholder checks,
 and handing each forward's image/video spans to the LLM stage.
 
-The family's `get_image_features` / `get_video_features` / `get_placeholder_mask` keep the signatures of
-the VLMs of transformers 5.20 - 5.24 (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL); they are wrapped on the instance.
+The family's `get_image_features` / `get_video_features` / `get_placeholder_mask` keep the signatures of the VLMs
+(LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) in every transformers release of the tested window (`illava.compat`); they are
+wrapped on the instance.
 """
 
 from __future__ import annotations

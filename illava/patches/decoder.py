@@ -2,7 +2,7 @@
 `layer(hidden_states, attention_mask=, position_ids=, <cache>=, position_embeddings=(cos, sin))` with
 `self_attn.{q,k}_proj` (optionally followed by per-head `q_norm` / `k_norm`), rotate-half RoPE and a `scaling`
 attribute: the Qwen2 decoder of LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL, and the Qwen3 decoder of Qwen3-VL /
-Qwen3-VL-MoE (checked on transformers 5.20 - 5.24; the cache keyword's name comes from `illava.compat`).
+Qwen3-VL-MoE (checked on every release of the tested window, `illava.compat`, which also names the cache keyword).
 
 Prefill, at each merge layer k: the visual tokens of every image/video span are scored by the attention the
 last prompt token pays them in layer k-1 (one query row from that layer's q and k, captured by hooks on the

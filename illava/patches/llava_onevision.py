@@ -216,7 +216,7 @@ def _video_feature_index(frames: int, tokens: int, stride: int) -> torch.Tensor:
 
 
 def _pseudo_grid(crops, crop_rows, crop_cols, side, image_size, image_newline, vision_aspect_ratio):
-    """LLaVA-OneVision's anyres layout (`pack_image_features`, transformers 5.20 - 5.24) on a pseudo side x side grid."""
+    """LLaVA-OneVision's anyres layout (`pack_image_features` of the tested window, `illava.compat`) on a pseudo side x side grid."""
     grid = crops.view(crop_rows, crop_cols, side, side, -1)
     grid = grid.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
     grid = unpad_image(grid, image_size)

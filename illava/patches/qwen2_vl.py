@@ -1,5 +1,5 @@
 """Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`): ViT-stage merging in the packed vision blocks, LLM-stage merging
-in the text model, and M-RoPE positions that follow the survivors. Checked on transformers 5.20 - 5.24.
+in the text model, and M-RoPE positions that follow the survivors. Checked on the tested window (`illava.compat`).
 
 ViT stage: inside each chosen block (after the attention residual, before the MLP), every `cu_seqlens` segment
 (one image, or one temporal slice of a video: every slice is kept) loses `illava_vit_r` 2x2 windows (an int: windows
@@ -208,7 +208,7 @@ class PackedVision:
     # -- blocks ---------------------------------------------------------------------------------------------
 
     def _merging_forward(self, slot: dict):
-        """`Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock.forward` (transformers 5.20 - 5.24) with the merge between
+        """`Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock.forward` (the tested window, `illava.compat`) with the merge between
         attention and MLP."""
 
         def forward(block, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):

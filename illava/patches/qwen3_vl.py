@@ -1,7 +1,7 @@
 """Qwen3-VL and Qwen3-VL-MoE (`Qwen3VLForConditionalGeneration`, `Qwen3VLMoeForConditionalGeneration`): ViT-stage
 merging in the packed vision blocks, LLM-stage merging in the Qwen3 decoder; Qwen3.5 / Qwen3.5-MoE
 (`Qwen3_5ForConditionalGeneration`, `Qwen3_5MoeForConditionalGeneration`: the same vision tower without DeepStack,
-and the same processor): the ViT stage. Checked on transformers 5.20 - 5.24.
+and the same processor): the ViT stage. Checked on the tested window (`illava.compat`).
 
 The vision tower is Qwen2-VL's without attention windows (every image / temporal slice is one `cu_seqlens`
 segment), so the Qwen2-VL machinery applies: whole 2x2 windows are merged per image / frame, placeholders and

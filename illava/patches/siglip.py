@@ -30,7 +30,7 @@ def _capture_output(slot: dict, key: str):
 def merging_layer_forward(merge_step):
     """Forward of a SigLIP / SigLIP2 encoder layer with `merge_step(layer, hidden_states)` between the attention
     residual and LN2/MLP. Same computation as `SiglipEncoderLayer.forward` / `Siglip2EncoderLayer.forward` of
-    transformers 5.20 - 5.24 otherwise (checked on each)."""
+    every transformers release of the tested window otherwise (`illava.compat`, checked on each)."""
 
     def forward(layer, hidden_states, attention_mask=None, **kwargs):
         residual = hidden_states

@@ -1,5 +1,5 @@
 """SigLIP2 NaFlex (`Siglip2VisionModel`, also inside `Siglip2Model`): ViT-stage merging per image of a padded
-batch `[B, max_patches, C*p*p]` with `pixel_attention_mask` and `spatial_shapes`. Checked on transformers 5.20 - 5.24.
+batch `[B, max_patches, C*p*p]` with `pixel_attention_mask` and `spatial_shapes`. Checked on the tested window (`illava.compat`).
 
 Each image merges among its own valid patches (an int r: tokens per layer; a float: that fraction of the image's
 current tokens). Survivors are moved to the front of their row and the batch is cut to the longest survivor
