@@ -47,6 +47,7 @@ def apply(model, config: IllavaConfig | Mapping[str, Any] | None = None, process
         if processor is not None:
             _claim_processor(state, family, model, processor)
         family.apply(state, model, processor)
+        state.one_call_at_a_time(model)
     except BaseException:
         state.undo()
         raise

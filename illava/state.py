@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -16,15 +17,54 @@ _MISSING = object()
 
 
 class IllavaState:
-    """Lives on a patched model as `model._illava_state`; holds the config, the trace and the undo log."""
+    """Lives on a patched model as `model._illava_state`; holds the config, the trace and the undo log.
+
+    The patches keep the running call's state on the instance, so calls run one at a time (`lock`, held by every
+    entry point: forward, generate, the feature getters); each thread sees the trace of its own last call."""
 
     def __init__(self, config: IllavaConfig):
         self.config = config
-        self.trace = IllavaTrace()
+        self.lock = threading.RLock()
+        self._per_thread = threading.local()
         self.processor: Any = None  # the processor passed to apply, if any
         self.language_merger: Any = None  # the LLM stage, when on
         self._hooks: list[Any] = []
         self._attributes: list[tuple[Any, str, Any]] = []
+
+    @property
+    def trace(self) -> IllavaTrace:
+        """What this thread's last call recorded."""
+        trace = getattr(self._per_thread, "trace", None)
+        if trace is None:
+            trace = self._per_thread.trace = IllavaTrace()
+        return trace
+
+    @trace.setter
+    def trace(self, trace: IllavaTrace) -> None:
+        self._per_thread.trace = trace
+
+    def one_call_at_a_time(self, module: Any) -> None:
+        """Hold `lock` while `module` runs a forward (hooks: they compose with any wrapper already there), and
+        while it runs `generate` (its encoding before the prefill and its steps belong to one call)."""
+        depth = threading.local()  # this thread's nested forwards of `module` holding the lock
+
+        def enter(unused_module, unused_args):
+            self.lock.acquire()
+            depth.value = getattr(depth, "value", 0) + 1
+
+        def leave(unused_module, unused_args, unused_output):
+            if getattr(depth, "value", 0):  # a hook before `enter` may have failed: nothing to release then
+                depth.value -= 1
+                self.lock.release()
+
+        self.add_hook(module.register_forward_pre_hook(enter, prepend=True))
+        self.add_hook(module.register_forward_hook(leave, always_call=True))
+        if hasattr(module, "generate"):
+            def generate(unused_module, original, *args, **kwargs):
+                with self.lock:
+                    return original(*args, **kwargs)
+
+            self.override_method(module, "generate", generate)
 
     def set_attribute(self, obj: Any, name: str, value: Any) -> None:
         """Set an instance attribute, remembering whether the instance had its own value before."""

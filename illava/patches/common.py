@@ -34,16 +34,17 @@ def patch_encoding(state: IllavaState, model, inner, language_merger, call: Enco
         call.fresh_forward = True
 
     def encode(modality, function, *args, **kwargs):
-        if call.fresh_forward:
-            state.trace.clear()
-            call.fresh_forward = False
-        call.modality = modality
-        try:
-            output = function(*args, **kwargs)
-        finally:
-            call.modality = "vision"
-        state.trace.tokens_per_item[modality].extend(_tokens_per_item(output.pooler_output))
-        return output
+        with state.lock:  # also called on its own (generate() encodes before its prefill)
+            if call.fresh_forward:
+                state.trace.clear()
+                call.fresh_forward = False
+            call.modality = modality
+            try:
+                output = function(*args, **kwargs)
+            finally:
+                call.modality = "vision"
+            state.trace.tokens_per_item[modality].extend(_tokens_per_item(output.pooler_output))
+            return output
 
     def get_image_features(self, original, *args, **kwargs):
         return encode("image", original, *args, **kwargs)

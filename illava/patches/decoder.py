@@ -23,6 +23,7 @@ steps, continued generation) which original positions those entries stand for, s
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import torch
 from transformers import DynamicCache
@@ -185,7 +186,7 @@ class LanguageModelMerger:
         self.language_model = language_model
         self.merge_layers = set(self.config.illava_llm_k)
         self.pending_spans: list[torch.Tensor] = []  # [B, L] span ids per modality, set before the forward
-        self.prompt_end: int | torch.Tensor | None = None  # see `_Prefill`; set by generate() and `prompt_ends`
+        self._per_thread = threading.local()  # `prompt_end`: set by generate() and `prompt_ends` for this thread
         self.labels: torch.Tensor | None = None  # of the model forward running now
         self.run: _Prefill | _Continuation | None = None
         implementation = language_model.config._attn_implementation
@@ -209,6 +210,15 @@ class LanguageModelMerger:
                 state.add_hook(key_source.register_forward_hook(self._capture_key))
         if model is not None and hasattr(model, "generate"):
             self.follow_model(model)
+
+    @property
+    def prompt_end(self) -> int | torch.Tensor | list[int] | None:
+        """See `_Prefill`: where this thread's prompt ends, while its generate() or `prompt_ends` block runs."""
+        return getattr(self._per_thread, "prompt_end", None)
+
+    @prompt_end.setter
+    def prompt_end(self, value) -> None:
+        self._per_thread.prompt_end = value
 
     def follow_model(self, model) -> None:
         """Watch the calls of the whole model: the prompt length while `generate` runs (see
