@@ -139,10 +139,12 @@ def prompt_ends(model, lengths):
     """Inside the block, the LLM stage treats the first `lengths[b]` tokens of row b (an int: of every row) as the
     prompt: merging is scored by the prompt's last token and ignores the tokens after it, as the prefill of the
     prompt alone would. For scoring continuations (a loglikelihood): every candidate then sees the same merge.
-    Without the LLM stage this changes nothing."""
+    Without the LLM stage this changes nothing. Each length must be positive; whether it fits the input (one per
+    row, within the row, after its images and videos) is checked when the forward runs."""
     state = getattr(model, STATE_ATTRIBUTE, None)
     if state is None:
         raise RuntimeError("illava is not applied to this model")
+    lengths = _prompt_lengths(lengths)
     merger = state.language_merger
     if merger is None:
         yield model
@@ -152,6 +154,15 @@ def prompt_ends(model, lengths):
         yield model
     finally:
         merger.prompt_end = outer
+
+
+def _prompt_lengths(lengths) -> int | list[int]:
+    plain = lengths.tolist() if hasattr(lengths, "tolist") else lengths
+    values = plain if isinstance(plain, (list, tuple)) else [plain]
+    if not values or not all(isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                             for value in values):
+        raise ValueError(f"illava.prompt_ends: {lengths!r} is not a positive token count or a list of them, one per row")
+    return list(values) if isinstance(plain, (list, tuple)) else plain
 
 
 def is_applied(model) -> bool:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from . import api, merge
+from .cli import ATTN_IMPLEMENTATIONS, CliError, check_device_and_attention
 from .config import IllavaConfig
 from .measure import PeakMemory
 from .patches import decoder, packed
@@ -242,8 +244,7 @@ def merge_time(device: str):
             finally:
                 depth["level"] -= 1
                 if depth["level"] == 0:  # nested calls count once
-                    if device == "cuda":
-                        torch.cuda.synchronize()
+                    _synchronize(device)
                     spent["seconds"] += time.perf_counter() - start
 
         return wrapper
@@ -271,8 +272,12 @@ class Measurement:
     peak_bytes: int
 
 
+def _on_cuda(device: str) -> bool:
+    return torch.device(device).type == "cuda"  # "cuda:1" too
+
+
 def _synchronize(device: str) -> None:
-    if device == "cuda":
+    if _on_cuda(device):
         torch.cuda.synchronize()
 
 
@@ -447,7 +452,7 @@ def video_sweep(model, processor, frame_counts, budget_bytes: int | None, repeat
         build = _inputs_builder(model, processor, "llava_onevision", 0, frames, device, dtype)
         try:
             rows += run_suite(model, processor, "llava_onevision", VIDEO_SETTINGS, build, [1], repeats, 2, device)
-        except torch.cuda.OutOfMemoryError if device == "cuda" else MemoryError:
+        except torch.cuda.OutOfMemoryError if _on_cuda(device) else MemoryError:
             logger.warning("out of memory at %d frames", frames)
             break
         for row in rows[-len(VIDEO_SETTINGS):]:
@@ -506,20 +511,62 @@ def plot(rows: list[dict], video_rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated integers of at least 1, e.g. 1,4,8."""
+    try:
+        return [positive_int(item) for item in text.split(",")]
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", default="llava-ov-7b-cpu", choices=sorted(GEOMETRIES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
-    parser.add_argument("--image-size", type=int, default=768)
-    parser.add_argument("--batches", default="1", help="comma-separated batch sizes, e.g. 1,4,8")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--video-frames", default="", help="comma-separated frame counts for the video sweep")
-    parser.add_argument("--memory-budget-gib", type=float, default=None)
+    parser.add_argument("--attn", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
+    parser.add_argument("--image-size", type=positive_int, default=768)
+    parser.add_argument("--batches", type=positive_ints, default=[1], help="comma-separated batch sizes, e.g. 1,4,8")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--new-tokens", type=positive_int, default=8)
+    parser.add_argument("--video-frames", type=positive_ints, default=[],
+                        help="comma-separated frame counts for the video sweep")
+    parser.add_argument("--memory-budget-gib", type=positive_float, default=None,
+                        help="report the largest frame count of the video sweep that fits")
     parser.add_argument("--output_dir", default="benchmarks/results")
     args = parser.parse_args(argv)
+    # everything that can be checked is, before minutes of building a model
+    family = GEOMETRIES[args.geometry][0]
+    if args.video_frames and family != "llava_onevision":
+        parser.error(f"--video-frames: the video sweep uses a LLaVA-OneVision geometry, not {args.geometry!r}")
+    if args.memory_budget_gib is not None and not args.video_frames:
+        parser.error("--memory-budget-gib applies to the video sweep: give --video-frames too")
+    try:
+        check_device_and_attention(args.device, args.attn, args.dtype)
+    except CliError as error:
+        parser.error(str(error))
     if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and argv is None:
         # large CPU tensors through mmap, returned to the OS when freed: the sampled peak RSS then tracks live memory
         os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
@@ -528,20 +575,17 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     model, processor, family = build_model(args.geometry, args.device, dtype, args.attn)
     build_inputs = _inputs_builder(model, processor, family, args.image_size, None, args.device, dtype)
-    batches = [int(value) for value in args.batches.split(",")]
-    rows = run_suite(model, processor, family, SETTINGS[family], build_inputs, batches, args.repeats,
+    rows = run_suite(model, processor, family, SETTINGS[family], build_inputs, args.batches, args.repeats,
                      args.new_tokens, args.device)
     video_rows, largest = [], {}
     if args.video_frames:
-        if family != "llava_onevision":
-            raise SystemExit("--video-frames: the video sweep uses a LLaVA-OneVision geometry")
         budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
-        frames = [int(value) for value in args.video_frames.split(",")]
-        video_rows, largest = video_sweep(model, processor, frames, budget, args.repeats, args.device, dtype)
+        video_rows, largest = video_sweep(model, processor, args.video_frames, budget, args.repeats, args.device,
+                                          dtype)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{args.geometry}-{args.device}-{args.dtype}-{args.attn}"
-    machine = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    machine = {"device": torch.cuda.get_device_name(args.device) if _on_cuda(args.device) else "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     (output / f"{stem}.json").write_text(json.dumps(
         {"arguments": vars(args), "machine": machine, "rows": rows, "video": video_rows,

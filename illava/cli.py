@@ -8,6 +8,7 @@ a merge report and merge-source heatmaps out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
@@ -27,6 +28,7 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 TIMESTAMPED_VIDEO_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", *TIMESTAMPED_VIDEO_MODEL_TYPES)
 DEFAULT_FPS = 24.0  # when the container does not say
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 logger = logging.getLogger(__name__)
 
 
@@ -115,6 +117,32 @@ def load_timed_video(path: Path, max_frames: int) -> tuple[np.ndarray, VideoTimi
     indices = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
     timing = VideoTiming(float(rate) if rate else DEFAULT_FPS, len(frames), indices.tolist())
     return np.stack([frames[index] for index in indices]), timing
+
+
+def check_device_and_attention(device: str, attn_implementation: str, dtype: str) -> None:
+    """Raise CliError when torch cannot use `device` here or `attn_implementation` (one of ATTN_IMPLEMENTATIONS,
+    which argparse checks) cannot run on it in `dtype`: one line before the model loads rather than a traceback
+    after. Shared by the CLI, the demo and the benchmark."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise CliError(f"--device {device!r} is not a device torch knows; use e.g. cpu, cuda or cuda:1") from None
+    if parsed.type != "cpu":
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if accelerator is None or accelerator.type != parsed.type:
+            raise CliError(f"--device {device!r}: no {parsed.type} device is available here")
+        if parsed.index is not None and parsed.index >= torch.accelerator.device_count():
+            raise CliError(f"--device {device!r}: only {torch.accelerator.device_count()} {parsed.type} device(s) here")
+    if attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise CliError("attention implementation 'flash_attention_2' needs the flash_attn package: "
+                           "pip install 'illava[flash]', or use sdpa")
+        if parsed.type != "cuda":
+            raise CliError(f"attention implementation 'flash_attention_2' runs on CUDA, not --device {device!r}; "
+                           "use sdpa")
+        if dtype not in ("float16", "bfloat16"):
+            raise CliError(f"attention implementation 'flash_attention_2' runs in float16 or bfloat16, not --dtype "
+                           f"{dtype}; pass --dtype bfloat16 or use sdpa")
 
 
 def question_text(question: str) -> str:
@@ -267,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="outputs", help="where heatmaps are written")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--attn_implementation", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
+    parser.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--compare", action="store_true", help="also run without merging and compare")
     defaults = IllavaConfig()
@@ -299,8 +327,11 @@ def run(args) -> None:
         raise CliError(f"--max_frames_num {args.max_frames_num} must be at least 1")
     if args.mm_spatial_pool_stride < 1:
         raise CliError(f"--mm_spatial_pool_stride {args.mm_spatial_pool_stride} must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {args.device}: no CUDA device is available")
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max_new_tokens {args.max_new_tokens} must be at least 1")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise CliError(f"--output_dir {args.output_dir!r} is a file, not a folder")
+    check_device_and_attention(args.device, args.attn_implementation, args.dtype)
     visual = load_visual(args.input_path, args.max_frames_num)
     question = question_text(args.question)
     model, processor, description = load_model(args)

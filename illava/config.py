@@ -27,7 +27,14 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", "none", ""}
 
 
+def _plain(value: Any) -> Any:
+    """numpy / torch scalars and arrays (what sweeps produce: `np.int64(2)`, `np.arange(5, 9)`) as the Python
+    values they hold."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, str) else value
+
+
 def _parse_bool(name: str, value: Any) -> bool:
+    value = _plain(value)
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -38,6 +45,7 @@ def _parse_bool(name: str, value: Any) -> bool:
 
 
 def _parse_layers(name: str, value: Any) -> tuple[int, ...]:
+    value = _plain(value)
     if value is None:
         return ()
     if isinstance(value, bool):
@@ -73,6 +81,7 @@ def _parse_layers(name: str, value: Any) -> tuple[int, ...]:
 
 
 def _parse_r(name: str, value: Any) -> int | float:
+    value = _plain(value)
     if isinstance(value, bool) or value is None:
         raise ValueError(f"{name}={value!r} is not a number")
     if isinstance(value, str):

@@ -11,12 +11,14 @@ It binds to 127.0.0.1 unless `--host` says otherwise and never opens a public sh
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .cli import CliError, Visual, infer, load_model, load_timed_video, open_image, question_text
+from .cli import (ATTN_IMPLEMENTATIONS, CliError, Visual, check_device_and_attention, infer, load_model,
+                  load_timed_video, open_image, question_text)
 from .config import IllavaConfig
 from .default_model import EXAMPLE_QUESTION, SUGGESTED_SETTINGS
 
@@ -68,11 +70,16 @@ class DemoSession:
         return Visual("image" if len(images) == 1 else "images", images)
 
 
-def build_app(session: DemoSession):
+def import_gradio():
     try:
-        import gradio as gr
+        import gradio
     except ImportError:
-        raise SystemExit("the demo page needs gradio: pip install 'illava[demo]'") from None
+        raise CliError("the demo page needs gradio: pip install 'illava[demo]'") from None
+    return gradio
+
+
+def build_app(session: DemoSession):
+    gr = import_gradio()
     defaults = session.config
     with gr.Blocks(title="illava demo") as app:
         gr.Markdown(f"# illava: iLLaVA token merging\n{session.description}")
@@ -99,23 +106,37 @@ def build_app(session: DemoSession):
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", help="a checkpoint folder (default: the built-in default model)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=port_number, default=7860)
     parser.add_argument("--share", action="store_true", help="ask gradio for a public share link")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
     args = parser.parse_args(argv)
-    model, processor, description = load_model(args)
+    try:  # cheapest first: loading the model takes a while and is wasted if the page cannot be served
+        import_gradio()
+        check_device_and_attention(args.device, args.attn_implementation, args.dtype)
+        model, processor, description = load_model(args)
+    except CliError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     session = DemoSession(model, processor, description, args.device, getattr(torch, args.dtype))
     if args.model_path is None:  # settings that fit the small default model (6 vision and 4 decoder layers)
         session.question, session.config = EXAMPLE_QUESTION, IllavaConfig(**SUGGESTED_SETTINGS)
     build_app(session).launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
 

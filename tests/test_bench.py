@@ -1,5 +1,7 @@
 """Benchmark bookkeeping: FLOPs formulas on known small cases and token counts from the trace (no timings)."""
 
+import sys
+
 import pytest
 import torch
 
@@ -86,3 +88,40 @@ def test_qwen3_vl_geometry_runs_the_reference_settings():
     both = rows["both (VLMEvalKit, pivot)"]["visual_tokens"]
     assert both["llm_visual_input"] < 16 and len(both["llm_sequence"]) == 5
     assert both["llm_sequence"] == sorted(both["llm_sequence"], reverse=True)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--batches", "0"], "argument --batches: '0': '0' must be at least 1"),
+        (["--batches", "a,b"], "argument --batches: 'a,b': 'a' is not an integer"),
+        (["--batches", "1,,4"], "argument --batches: '1,,4': '' is not an integer"),
+        (["--repeats", "0"], "argument --repeats: '0' must be at least 1"),
+        (["--new-tokens", "-3"], "argument --new-tokens: '-3' must be at least 1"),
+        (["--image-size", "0"], "argument --image-size: '0' must be at least 1"),
+        (["--image-size", "big"], "argument --image-size: 'big' is not an integer"),
+        (["--video-frames", "0"], "argument --video-frames: '0': '0' must be at least 1"),
+        (["--video-frames", "8", "--memory-budget-gib", "-1"], "argument --memory-budget-gib: '-1' must be a finite"),
+        (["--video-frames", "8", "--memory-budget-gib", "nan"], "argument --memory-budget-gib: 'nan' must be a finite"),
+        (["--memory-budget-gib", "4"], "--memory-budget-gib applies to the video sweep"),
+        (["--geometry", "qwen2-vl-7b-cpu", "--video-frames", "8"], "LLaVA-OneVision geometry, not 'qwen2-vl-7b-cpu'"),
+        (["--device", "nonsense"], "--device 'nonsense' is not a device torch knows"),
+        (["--device", "cuda:99"], "--device 'cuda:99'"),
+        (["--attn", "flash_attention_2"], "pip install 'illava[flash]'"),
+    ],
+)
+def test_bad_arguments_are_refused_before_a_model_is_built(monkeypatch, capsys, arguments, message):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed, whatever this machine has
+    monkeypatch.setattr(bench, "build_model", lambda *args: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(arguments)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_device_with_an_index_is_synchronised(monkeypatch):
+    synchronised = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: synchronised.append(True))
+    bench._synchronize("cuda:1")
+    bench._synchronize("cpu")
+    assert synchronised == [True]

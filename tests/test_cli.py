@@ -1,11 +1,15 @@
 """run_inference_once.py / illava.cli end to end on tiny checkpoints saved to disk, and heatmap content."""
 
+import importlib.machinery
+import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from illava import cli
 from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
@@ -62,6 +66,27 @@ def test_end_to_end(workspace, capsys, model_name, input_name, kind):
     assert any(name.startswith("attention_map_llm_layer_") for name in files)
 
 
+def test_every_merge_layer_keeps_its_own_heatmap(workspace, capsys):
+    """r 0.07 leaves 16 -> 15 -> 14 -> 14 tokens per crop and r 0 merges nothing in the LLM: layers that leave the
+    same count once wrote the same file, so that all but one heatmap were lost."""
+    output_dir = workspace / "out-same-counts"
+    status = cli.main([
+        "--model_path", str(workspace / "ov"), "--input_path", str(workspace / "image.png"), "--output_dir",
+        str(output_dir), "--max_new_tokens", "2", "--illava_track_vit_source", "True", "--illava_track_llm_source",
+        "True", "--enable_illava_vit", "True", "--illava_vit_k", "1-2-3", "--illava_vit_r", "0.07",
+        "--enable_illava_llm", "True", "--illava_llm_k", "2-3", "--illava_llm_r", "0",
+    ])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "tokens 16 -> 15 -> 14 -> 14 (layers 1-2-3)" in printed
+    paths = [Path(line.removeprefix("heatmap: ")) for line in printed.splitlines() if line.startswith("heatmap: ")]
+    names = ["attention_map_vit_layer_1.jpg", "attention_map_vit_layer_2.jpg", "attention_map_vit_layer_3.jpg",
+             "attention_map_llm_layer_2.jpg", "attention_map_llm_layer_3.jpg"]
+    assert [path.name for path in paths] == names
+    assert all(path.is_file() for path in paths)
+    assert sorted(path.name for path in output_dir.iterdir()) == sorted(names)
+
+
 def test_video_without_pooling(workspace, capsys):
     status = cli.main(["--model_path", str(workspace / "ov"), "--input_path", str(workspace / "clip.mp4"),
                        "--max_frames_num", "3", "--mm_spatial_pool_stride", "1", "--max_new_tokens", "2",
@@ -94,13 +119,61 @@ def test_wrapper_script_runs(workspace):
         (["--input_path", "{root}/image.png", "--enable_illava_vit", "True", "--illava_vit_k=-1"],
          "illava_vit_k='-1'"),
         (["--input_path", "{root}/image.png", "--mm_spatial_pool_stride", "0"], "mm_spatial_pool_stride 0"),
+        (["--input_path", "{root}/image.png", "--max_new_tokens", "0"], "max_new_tokens 0"),
+        (["--input_path", "{root}/image.png", "--output_dir", "{root}/image.png"], "image.png' is a file"),
     ],
 )
 def test_bad_input_gives_a_clear_error(workspace, capsys, arguments, message):
     arguments = [argument.format(root=workspace) for argument in arguments]
     status = cli.main(["--model_path", str(workspace / "ov"), *arguments])
     assert status == 2
-    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--device", "nonsense"], "--device 'nonsense' is not a device torch knows"),
+        (["--device", "cuda:99"], "--device 'cuda:99': (no cuda device|only [0-9]+ cuda device)"),
+        (["--device", "xla"], "--device 'xla': no xla device is available"),
+        (["--attn_implementation", "flash_attention_2"], r"flash_attn package: pip install 'illava\[flash\]'"),
+    ],
+)
+def test_bad_device_or_attention_is_one_line_before_loading(workspace, monkeypatch, capsys, arguments, message):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed, whatever this machine has
+    monkeypatch.setattr(cli, "load_model", lambda args: pytest.fail("the model was loaded"))
+    status = cli.main(["--input_path", str(workspace / "image.png"), *arguments])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert re.search(message, error) and error.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "device, dtype, message",
+    [
+        ("cpu", "bfloat16", "runs on CUDA, not --device 'cpu'"),
+        ("cuda", "float32", "runs in float16 or bfloat16, not --dtype float32"),
+        ("cuda", "bfloat16", None),
+    ],
+)
+def test_flash_attention_needs_cuda_and_half_precision(monkeypatch, device, dtype, message):
+    installed = types.ModuleType("flash_attn")
+    installed.__spec__ = importlib.machinery.ModuleSpec("flash_attn", loader=None)
+    monkeypatch.setitem(sys.modules, "flash_attn", installed)  # as if flash_attn were installed
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)  # and a GPU were here
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    if message is None:
+        cli.check_device_and_attention(device, "flash_attention_2", dtype)
+    else:
+        with pytest.raises(cli.CliError, match=re.escape(message)):
+            cli.check_device_and_attention(device, "flash_attention_2", dtype)
+
+
+def test_unknown_attention_implementation_is_an_argparse_error(workspace, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--input_path", str(workspace / "image.png"), "--attn_implementation", "magic"])
+    assert exit_info.value.code == 2 and "'magic'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("decoder", ["decord", "av"])

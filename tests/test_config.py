@@ -1,4 +1,6 @@
+import numpy as np
 import pytest
+import torch
 
 from illava import IllavaConfig
 
@@ -33,6 +35,18 @@ def test_r_parses_ints_and_ratios(value, expected):
     config = IllavaConfig(illava_vit_r=value, illava_llm_r=value)
     assert config.illava_vit_r == expected and type(config.illava_vit_r) is type(expected)
     assert config.illava_llm_r == expected
+
+
+def test_numbers_from_numpy_and_torch_as_sweeps_produce_them():
+    config = IllavaConfig(enable_illava_vit=np.bool_(True), illava_vit_k=np.int64(2), illava_vit_r=np.int64(3),
+                          enable_illava_llm=True, illava_llm_k=np.arange(2, 4), illava_llm_r=np.float32(0.5),
+                          illava_vit_mode=np.int64(3))
+    assert (config.enable_illava_vit, config.illava_vit_k, config.illava_vit_r) == (True, (2,), 3)
+    assert type(config.illava_vit_r) is int and config.illava_vit_k == (2,) and type(config.illava_vit_k[0]) is int
+    assert config.illava_llm_k == (2, 3) and config.illava_llm_r == 0.5 and config.illava_vit_mode == "pivot"
+    assert IllavaConfig(illava_vit_k=torch.tensor([5, 6]), illava_vit_r=torch.tensor(0.25)).illava_vit_k == (5, 6)
+    with pytest.raises(ValueError, match="negative"):
+        IllavaConfig(illava_vit_r=np.int64(-2))
 
 
 def test_keyword_dict_as_lmms_eval_passes_it():

@@ -155,7 +155,7 @@ def test_cli_runs_the_default_model(offline, tmp_path, capsys):
     assert "the built-in default model" in printed
     assert "[baseline] answer: red" in printed and "[illava] answer: red" in printed
     assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "attention_map_vit_layer_106.jpg", "attention_map_vit_layer_136.jpg", "attention_map_vit_layer_166.jpg"]
+        "attention_map_vit_layer_2.jpg", "attention_map_vit_layer_3.jpg", "attention_map_vit_layer_4.jpg"]
 
 
 def test_demo_starts_with_settings_that_fit_the_default_model(default_model):

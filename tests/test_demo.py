@@ -1,9 +1,13 @@
 """The demo's handler on a tiny model, without a browser."""
 
+import importlib.machinery
+import sys
+import types
 from pathlib import Path
 
 import pytest
 
+from illava import demo
 from illava.demo import DemoSession
 from illava.tiny_models import tiny_llava_onevision
 
@@ -51,3 +55,45 @@ def test_an_unreadable_file_is_named_on_the_page(session, tmp_path, kind):
     answer, report, heatmaps = session.handle(images, video, "hi", "1-2", "3", "2", "0.5", True, True)
     assert answer == "" and heatmaps == []
     assert f"cannot {'read image' if kind == 'image' else 'decode video'}" in report and "broken" in report
+
+
+def fake_module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+    return module
+
+
+def exit_status(argv: list[str]) -> int:
+    """What `illava-demo` exits with: main's return value, or argparse's SystemExit code."""
+    try:
+        return demo.main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+def test_missing_gradio_is_said_before_any_model_loads(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # what a machine without gradio does
+    monkeypatch.setattr(demo, "load_model", lambda args: pytest.fail("the model was loaded"))
+    assert demo.main([]) == 2
+    error = capsys.readouterr().err
+    assert "pip install 'illava[demo]'" in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--model_path", "/nonexistent"], "--model_path '/nonexistent' does not exist"),
+        (["--device", "nonsense"], "--device 'nonsense' is not a device torch knows"),
+        (["--device", "cuda:99"], "--device 'cuda:99'"),
+        (["--attn_implementation", "flash_attention_2"], "pip install 'illava[flash]'"),
+        (["--attn_implementation", "magic"], "'magic'"),
+        (["--port", "70000"], "'70000' is not a port number"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_line_naming_them(monkeypatch, capsys, arguments, message):
+    monkeypatch.setitem(sys.modules, "gradio", fake_module("gradio"))  # installed or not, the checks come first
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    if "--model_path" not in arguments:
+        monkeypatch.setattr(demo, "load_model", lambda args: pytest.fail("the model was loaded"))
+    assert exit_status(arguments) == 2
+    assert message in capsys.readouterr().err

@@ -72,3 +72,66 @@ def test_r_leaving_nothing_is_named(encoder):
             encoder(patches_for(grid), grid)
     with pytest.raises(ValueError, match="enable_illava_llm"):
         illava.apply(encoder, enable_illava_llm=True, illava_llm_k="1")
+
+
+@pytest.mark.parametrize("track", [False, True], ids=["untracked", "tracked"])
+def test_rows_without_patches_add_nothing_and_move_nothing(encoder, track):
+    """A row with t or h 0 (an empty image, which the unpatched model takes) is left out of merging: the other
+    rows merge as without it, and the model's own output for it (no token, a pooled row of nothing) is kept."""
+    grid = torch.tensor([[1, 4, 6], [3, 4, 4]])
+    with_empty = torch.tensor([[0, 4, 4], [1, 4, 6], [1, 0, 5], [3, 4, 4]])
+    patches = patches_for(grid)
+    with torch.no_grad():
+        unpatched = encoder(patches, with_empty)
+        with illava.applied(encoder, illava_track_vit_source=track, **VIT):
+            expected = encoder(patches, grid)
+            expected_trace = illava.last_trace(encoder).vision
+            merged = encoder(patches, with_empty)
+            trace = illava.last_trace(encoder).vision
+    assert merged.last_hidden_state.shape[0] == 14 + 38
+    torch.testing.assert_close(merged.last_hidden_state, expected.last_hidden_state, rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged.pooler_output[[1, 3]], expected.pooler_output, rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged.pooler_output[[0, 2]], unpatched.pooler_output[[0, 2]], rtol=0, atol=1e-6)
+    assert len(trace) == 4  # one entry per grid_thw row
+    for empty, grid_of_row in ((trace[0], (0, 4)), (trace[2], (0, 5))):
+        assert empty.tokens_per_group == [0, 0, 0] and empty.grid == grid_of_row
+        assert empty.positions.shape == (1, 0)
+        assert (empty.sources is None) != track and all(step.numel() == 0 for step in empty.source_history)
+    for entry, reference in zip((trace[1], trace[3]), expected_trace):
+        assert entry.tokens_per_group == reference.tokens_per_group and entry.grid == reference.grid
+        assert torch.equal(entry.positions, reference.positions)
+        if track:
+            assert torch.equal(entry.sources, reference.sources)
+
+
+def test_unpatched_rows_without_patches_add_no_tokens(encoder):
+    grid = torch.tensor([[1, 4, 6], [3, 4, 4]])
+    patches = patches_for(grid)
+    with torch.no_grad():
+        plain = encoder(patches, grid)
+        with_empty = encoder(patches, torch.tensor([[0, 4, 4], [1, 4, 6], [1, 0, 5], [3, 4, 4]]))
+        nothing_pooled = encoder.head(patches.new_zeros(1, 0, 64))
+    torch.testing.assert_close(with_empty.last_hidden_state, plain.last_hidden_state, rtol=0, atol=1e-6)
+    torch.testing.assert_close(with_empty.pooler_output[[1, 3]], plain.pooler_output, rtol=0, atol=1e-6)
+    torch.testing.assert_close(with_empty.pooler_output[[0, 2]], nothing_pooled.expand(2, -1), rtol=0, atol=1e-6)
+
+
+def test_r_leaving_nothing_names_the_grid_row_after_an_empty_row(encoder):
+    grid = torch.tensor([[0, 4, 4], [1, 2, 3]])
+    with illava.applied(encoder, enable_illava_vit=True, illava_vit_k="1", illava_vit_r=6):
+        with pytest.raises(ValueError, match=r"illava_vit_r=6 leaves no token in segment 1 \(t, h, w = 1, 2, 3\)"):
+            encoder(patches_for(grid), grid)
+
+
+def test_small_integer_grid_merges_as_a_long_one(encoder):
+    """t*h = 300 does not fit uint8: the grid is widened before any product is taken."""
+    grid = torch.tensor([[3, 100, 1]])
+    patches = patches_for(grid)
+    with torch.no_grad(), illava.applied(encoder, **VIT):
+        wide = encoder(patches, grid)
+        wide_trace = illava.last_trace(encoder).vision[0]
+        narrow = encoder(patches, grid.to(torch.uint8))
+        narrow_trace = illava.last_trace(encoder).vision[0]
+    assert narrow_trace.grid == wide_trace.grid == (300, 1)
+    assert torch.equal(narrow_trace.positions, wide_trace.positions)
+    assert torch.equal(narrow.last_hidden_state, wide.last_hidden_state)

@@ -173,6 +173,10 @@ def test_bad_inputs_raise(model):
         model(patches_for(grid)[:3], grid)
     with pytest.raises(ValueError):
         model(patches_for(grid), grid, patch_positions=torch.zeros(3, 3, dtype=torch.long))
+    # rows of the wrong width would be re-cut into another number of patches
+    for width in (96, 24):
+        with pytest.raises(ValueError, match=rf"hidden_states must be \[seq_len, 48\] .* got \(4, {width}\)"):
+            model(torch.randn(4, width), grid)
 
 
 def reference_adjacent_pair_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

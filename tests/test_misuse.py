@@ -125,3 +125,29 @@ def test_shallow_copies_and_pickling_are_refused_and_save_pretrained_works(ov, t
     assert copy.copy(model) is not model  # unpatched: as usual
     reloaded = type(model).from_pretrained(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+
+
+# -- prompt_ends ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lengths", [0, -3, 2.5, "7", [], [4, 0], True])
+def test_prompt_ends_refuses_what_is_not_a_positive_length(ov, lengths):
+    model, processor = ov
+    with illava.applied(model, processor=processor, enable_illava_llm=True, illava_llm_k="2", illava_llm_r=0.5):
+        with pytest.raises(ValueError, match="not a positive token count"):
+            with illava.prompt_ends(model, lengths):
+                pass
+
+
+def test_prompt_ends_that_do_not_fit_the_input_are_named(ov):
+    model, processor = ov
+    inputs = ov_prompt(processor, random_image(40, 90))
+    length = inputs["input_ids"].shape[1]
+    last_visual = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero().max())
+    with illava.applied(model, processor=processor, enable_illava_llm=True, illava_llm_k="2", illava_llm_r=0.5):
+        inputs = ov_prompt(processor, random_image(40, 90))
+        for lengths, message in ((length + 1, "within its"), (last_visual, "after the row's last image/video token"),
+                                 ([length, length], "2 prompt lengths for a batch of 1")):
+            with illava.prompt_ends(model, lengths), pytest.raises(ValueError, match=message):
+                logits_of(model, inputs)
+        with illava.prompt_ends(model, torch.tensor([length])):  # a tensor with one length per row, as lmms-eval's
+            assert logits_of(model, inputs).shape[1] == inputs["input_ids"].shape[1]

@@ -3,17 +3,21 @@ CLI, and ViT-stage merging per packed frame."""
 
 from __future__ import annotations
 
+import contextlib
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import Aimv2VisionConfig, DINOv3ViTConfig, Siglip2VisionConfig
+from transformers import Aimv2VisionConfig, DINOv3ViTConfig, Siglip2Config, Siglip2Model, Siglip2VisionConfig
 
 import illava
 from illava.models import AIMv2Packing, DINOv3ViTPacking, Siglip2NaflexPacking, convert_to_packing_format
 from illava.models import align
+
+from .test_llava_vit_model import random_model, tiny_config
 
 PATCH = 4
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=PATCH)
@@ -267,3 +271,77 @@ def test_every_merge_mode_keeps_the_default_counts(name, mode, encoders):
             assert bool((owners < 0).any())  # dropped patches: no survivor stands for them
         assert owners.shape == (1, 4, 4)
     assert found[mode] == found["merge"]
+
+
+@pytest.mark.parametrize(("name", "other"), [("aimv2", "dinov3"), ("dinov3", "siglip2"), ("siglip2", "aimv2")])
+def test_align_cli_refuses_a_checkpoint_of_another_encoder(name, other, checkpoints, capsys):
+    """Loading another encoder's checkpoint leaves the weights random on both sides, which then agree: no PASS."""
+    with pytest.raises(SystemExit) as exit_info:
+        align.main(["--model", name, "--ckpt", str(checkpoints / other), "--image_size", "16"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert "PASS" not in captured.out
+    standard_class = CONFIGS[name][0].standard_class.__name__
+    assert f"does not fit --model {name} ({standard_class}): " in captured.err
+    missing = re.search(r"\d+ missing weight\(s\): (\S+),", captured.err)
+    unexpected = re.search(r"\d+ unexpected weight\(s\): (\S+),", captured.err)
+    assert missing and unexpected, captured.err
+    own_keys = set(CONFIGS[name][0].standard_class(CONFIGS[name][1]()).state_dict())
+    assert missing.group(1) in own_keys and unexpected.group(1) not in own_keys
+
+
+def test_align_cli_refuses_extra_weights_but_leaves_out_other_towers(encoders, tmp_path, capsys):
+    # a checkpoint with a layer more than its config: weights under the model's own names it has no place for
+    standard = standard_model("aimv2", encoders["aimv2"])
+    standard.save_pretrained(tmp_path / "extra_layer")
+    config_file = tmp_path / "extra_layer" / "config.json"
+    config_file.write_text(config_file.read_text().replace('"num_hidden_layers": 3', '"num_hidden_layers": 2'))
+    with pytest.raises(SystemExit) as exit_info:
+        align.main(["--model", "aimv2", "--ckpt", str(tmp_path / "extra_layer"), "--image_size", "16"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "unexpected weight(s): encoder.layers.2." in error and "missing" not in error
+    # a full SigLIP2 checkpoint (vision and text towers, as google/siglip2-*-naflex): the text tower is left out
+    vision = Siglip2VisionConfig(num_patches=16, **TINY).to_dict()
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    Siglip2Model(Siglip2Config(text_config=text, vision_config=vision)).save_pretrained(tmp_path / "full")
+    status = align.main(["--model", "siglip2", "--ckpt", str(tmp_path / "full"), "--image_size", "16"])
+    report = capsys.readouterr().out
+    assert status == 0, report
+    assert re.search(r"left out \d+ checkpoint weight\(s\) outside Siglip2VisionModel", report)
+    assert report.strip().endswith("PASS (threshold 0.99)")
+
+
+_, GOOD_PATCHES, GOOD_GRID = packed_input()  # 144 patches; grid [[1, 4, 4], [1, 6, 8], [2, 4, 6], [1, 8, 4]]
+INTEGER_TENSOR = r"grid_thw must be an integer tensor \[images, 3\] of \(t, h, w\) in patches"
+BAD_GRIDS = {
+    "no rows": (GOOD_PATCHES, GOOD_GRID[:0], ValueError,
+                INTEGER_TENSOR + r" with at least one row, got shape \(0, 3\)"),
+    "float": (GOOD_PATCHES, GOOD_GRID.float(), TypeError,
+              INTEGER_TENSOR + r", got dtype torch.float32 \(shape \(4, 3\)\)"),
+    "list": (GOOD_PATCHES, GOOD_GRID.tolist(), TypeError, INTEGER_TENSOR + ", got a list"),
+    "bool": (GOOD_PATCHES, GOOD_GRID > 0, TypeError, INTEGER_TENSOR + ", got dtype torch.bool"),
+    "two columns": (GOOD_PATCHES, GOOD_GRID[:, 1:], ValueError, INTEGER_TENSOR + r".*got shape \(4, 2\)"),
+    "negative": (GOOD_PATCHES, GOOD_GRID * torch.tensor([1, -1, -1]), ValueError,
+                 r"grid_thw row 0 is \[1, -4, -4\]: t, h and w must be at least"),
+    "too few patches": (GOOD_PATCHES[:-1], GOOD_GRID, ValueError,
+                        "grid_thw covers 144 patches but hidden_states has 143 rows"),
+}
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+@pytest.mark.parametrize("name", [*NAMES, "llava_vit"])
+def test_every_packing_encoder_names_a_bad_grid(name, patched, encoders):
+    """All four packing encoders check `grid_thw` at their entry (`check_grid_thw`), merging or not."""
+    encoder = random_model(tiny_config()) if name == "llava_vit" else encoders[name]
+    merging = illava.applied(encoder, enable_illava_vit=True, illava_vit_k="1", illava_vit_r=2)
+    with merging if patched else contextlib.nullcontext():
+        for patches, grid, error, message in BAD_GRIDS.values():
+            with pytest.raises(error, match=message):
+                run(encoder, patches, grid)
+        if name == "llava_vit":  # takes rows without patches, but not a grid without any
+            with pytest.raises(ValueError, match=r"every row of grid_thw \(shape \(1, 3\)\) is empty: no patch"):
+                run(encoder, GOOD_PATCHES[:0], torch.tensor([[0, 4, 4]]))
+        else:
+            with pytest.raises(ValueError, match=r"grid_thw row 4 is \[1, 0, 4\]: t, h and w must be at least 1"):
+                run(encoder, GOOD_PATCHES, torch.cat((GOOD_GRID, torch.tensor([[1, 0, 4]]))))

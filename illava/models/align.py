@@ -10,7 +10,8 @@ size's minimum reaches `--threshold`, else FAIL and exit status 1.
 
 Images are random (seeded) unless `--use_real_images`: then the files of `--image_paths`, or without them a few
 generated natural-like images (smooth colour fields with edges), each resized to the size and scaled to [-1, 1].
-Nothing is downloaded: `--ckpt` is a local directory or a checkpoint already in the Hugging Face cache.
+Nothing is downloaded: `--ckpt` is a local directory or a checkpoint already in the Hugging Face cache. It must
+hold every weight of the `--model` transformers model (another encoder's checkpoint is refused, exit status 2).
 """
 
 from __future__ import annotations
@@ -113,6 +114,31 @@ def standard_patch_tokens(model: str, standard, image: torch.Tensor, patch_size:
     return output.last_hidden_state[0, prefix:]
 
 
+def load_standard(parser: argparse.ArgumentParser, args, dtype: torch.dtype):
+    """The transformers model of `--model` from `--ckpt`, every weight of it loaded from the checkpoint.
+
+    `from_pretrained` only warns about weights it cannot find and initialises them randomly; the packing encoder
+    shares them, so both sides would agree on noise (a PASS that checks nothing). Missing weights, and checkpoint
+    weights under the model's own top-level names that it has no place for, are a parser error naming them.
+    Checkpoint weights under other names are left out: e.g. the text tower of a full SigLIP2 checkpoint.
+    (Wrongly shaped weights make `from_pretrained` raise.)
+    """
+    standard_class = ENCODERS[args.model].standard_class
+    standard, loading = standard_class.from_pretrained(args.ckpt, local_files_only=True, dtype=dtype,
+                                                       output_loading_info=True)
+    namespaces = {key.split(".")[0] for key in standard.state_dict()}
+    missing, unexpected = loading["missing_keys"], loading["unexpected_keys"]
+    foreign = [key for key in unexpected if key.split(".")[0] not in namespaces]
+    if missing or len(foreign) < len(unexpected):
+        problems = [f"{len(keys)} {kind} weight(s): {', '.join(sorted(keys)[:4])}{', ...' if len(keys) > 4 else ''}"
+                    for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        parser.error(f"--ckpt {args.ckpt} does not fit --model {args.model} ({standard_class.__name__}): "
+                     + "; ".join(problems))
+    if foreign:
+        print(f"{args.model}: left out {len(foreign)} checkpoint weight(s) outside {standard_class.__name__}")
+    return standard
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -120,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch_size {args.batch_size} must be at least 1")
     encoder_class = ENCODERS[args.model]
     dtype = DTYPES[args.dtype]
-    standard = encoder_class.standard_class.from_pretrained(args.ckpt, local_files_only=True, dtype=dtype)
-    standard = standard.to(args.device).eval()
+    standard = load_standard(parser, args, dtype).to(args.device).eval()
     packing = encoder_class(standard)  # shares the weights
     patch = packing.patch_size
     for height, width in args.image_size:

@@ -62,6 +62,7 @@ __all__ = [
     "LlavaViTPackingModel",
     "LlavaViTPackingPreTrainedModel",
     "apply_rotary_pos_emb_vision",
+    "check_grid_thw",
     "compute_patch_positions_from_grid_thw",
     "compute_patch_positions_with_interpolated_temporal",
     "interpolate_frame_indices",
@@ -154,6 +155,34 @@ def llava_vit_packing_config(variant: str, **overrides) -> LlavaViTPackingConfig
 # ---------------------------------------------------------------------------------------------------------------
 # Positions
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def check_grid_thw(grid_thw, num_patches: int, *, allow_empty_rows: bool) -> list[list[int]]:
+    """The rows of `grid_thw` as Python ints, once it is known to be an integer tensor `[images, 3]` of (t, h, w)
+    covering exactly `num_patches` packed patches; otherwise a TypeError / ValueError naming what was passed.
+
+    Every value must be at least 1, or at least 0 with `allow_empty_rows` (a row holding no patch, which
+    `LlavaViTPackingModel` accepts); a grid without any patch is refused either way. All packing encoders check
+    their input with this before anything else reads the grid (one host sync).
+    """
+    expected = "an integer tensor [images, 3] of (t, h, w) in patches"
+    if not isinstance(grid_thw, torch.Tensor):
+        raise TypeError(f"grid_thw must be {expected}, got a {type(grid_thw).__name__}")
+    if grid_thw.dtype.is_floating_point or grid_thw.dtype.is_complex or grid_thw.dtype == torch.bool:
+        raise TypeError(f"grid_thw must be {expected}, got dtype {grid_thw.dtype} (shape {tuple(grid_thw.shape)})")
+    if grid_thw.dim() != 2 or grid_thw.shape[0] == 0 or grid_thw.shape[1] != 3:
+        raise ValueError(f"grid_thw must be {expected} with at least one row, got shape {tuple(grid_thw.shape)}")
+    rows = grid_thw.tolist()
+    smallest = 0 if allow_empty_rows else 1
+    for index, row in enumerate(rows):
+        if min(row) < smallest:
+            raise ValueError(f"grid_thw row {index} is {row}: t, h and w must be at least {smallest}")
+    total = sum(t * h * w for t, h, w in rows)
+    if total != num_patches:
+        raise ValueError(f"grid_thw covers {total} patches but hidden_states has {num_patches} rows")
+    if total == 0:
+        raise ValueError(f"every row of grid_thw (shape {tuple(grid_thw.shape)}) is empty: no patch to encode")
+    return rows
 
 
 def compute_patch_positions_from_grid_thw(grid_thw: torch.Tensor) -> torch.Tensor:
@@ -497,7 +526,8 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
 
         Args:
             hidden_states: `[N, C*p*p]` flattened (C, p, p) patches, N = sum of t*h*w over `grid_thw`.
-            grid_thw: `[n, 3]` (t, h, w) in patches per image/video; each row is one attention segment.
+            grid_thw: `[n, 3]` integer (t, h, w) in patches per image/video; each row is one attention segment.
+                A row with a 0 holds no patch: no tokens, and its `pooler_output` row pools nothing.
             patch_positions: optional `[N, 3]` (t, h, w) RoPE positions replacing those implied by `grid_thw`
                 (e.g. interpolated frame indices for videos, see `compute_patch_positions_with_interpolated_temporal`).
             output_hidden_states: also return every layer's input and the encoder output (before layernorm_post).
@@ -507,16 +537,17 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
-        if hidden_states.dim() != 2:
+        patch_dim = self.config.num_channels * self.config.patch_size**2
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != patch_dim:
             raise ValueError(
-                f"hidden_states must be [seq_len, patch_dim] flattened patches, got {tuple(hidden_states.shape)}"
+                f"hidden_states must be [seq_len, {patch_dim}] patches flattened (C, p, p), "
+                f"got {tuple(hidden_states.shape)}"
             )
+        check_grid_thw(grid_thw, hidden_states.shape[0], allow_empty_rows=True)
+        # long: products of small integer dtypes overflow; the patches' device: the RoPE tables are built on it
+        grid_thw = grid_thw.to(hidden_states.device, torch.long)
 
         cu_seqlens = _cu_seqlens_from_grid(grid_thw)
-        if int(cu_seqlens[-1]) != hidden_states.shape[0]:
-            raise ValueError(
-                f"grid_thw covers {int(cu_seqlens[-1])} patches but hidden_states has {hidden_states.shape[0]} rows"
-            )
         if patch_positions is None:
             angles = self.rotary_emb(grid_thw)
         else:
@@ -524,7 +555,7 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
                 raise ValueError(
                     f"patch_positions must be [seq_len={hidden_states.shape[0]}, 3], got {tuple(patch_positions.shape)}"
                 )
-            angles = self.rotary_emb.forward_from_positions(patch_positions)
+            angles = self.rotary_emb.forward_from_positions(patch_positions.to(hidden_states.device))
         position_embeddings = (angles.cos(), angles.sin())
 
         hidden_states = self.layernorm_pre(self.patch_embed(hidden_states))

@@ -6,8 +6,9 @@ loads any checkpoint of that model, `load_state_dict` takes its state dicts, and
 on the same parameters. Checked on the tested window (`illava.compat`).
 
 Input: `hidden_states [N, p*p*C]`, the patches of all images concatenated (no padding), each flattened channels-last
-as (p, p, C) (`convert_to_packing_format`; LLaVA-ViT's own model uses (C, p, p)), and `grid_thw [n, 3]` (t, h, w) in
-patches. These are image encoders: a row with t > 1 is t frames of one size, each encoded as an image of its own.
+as (p, p, C) (`convert_to_packing_format`; LLaVA-ViT's own model uses (C, p, p)), and `grid_thw [n, 3]`, an integer
+tensor of (t, h, w) in patches, each at least 1 (`check_grid_thw`). These are image encoders: a row with t > 1 is t
+frames of one size, each encoded as an image of its own.
 
 Output: `BaseModelOutputWithPooling` with
 - `last_hidden_state [N, D]`: every patch token in input order. Per image it equals the transformers model's
@@ -46,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Aimv2VisionModel, DINOv3ViTModel, Siglip2VisionModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .llava_vit import check_grid_thw
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -198,12 +201,7 @@ class PackingEncoder(nn.Module):
         if hidden_states.dim() != 2 or hidden_states.shape[1] != patch_dim:
             raise ValueError(f"hidden_states must be [total_patches, {patch_dim}] patches flattened (p, p, C), "
                              f"got {tuple(hidden_states.shape)}")
-        if grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or bool((grid_thw < 1).any()):
-            raise ValueError(f"grid_thw must be [n, 3] positive (t, h, w), got {grid_thw.tolist()}")
-        grid = grid_thw.tolist()
-        total = sum(t * h * w for t, h, w in grid)
-        if total != hidden_states.shape[0]:
-            raise ValueError(f"grid_thw covers {total} patches but hidden_states has {hidden_states.shape[0]} rows")
+        grid = check_grid_thw(grid_thw, hidden_states.shape[0], allow_empty_rows=False)
         tokens, cos, sin = [], [], []
         start = 0
         for t, h, w in grid:

@@ -136,7 +136,7 @@ class _Prefill:
         # token, and only the keys it sees, merges exactly as the prefill of the prompt alone does.
         self.prompt_end = None
         if prompt_end is not None:
-            end = torch.as_tensor(prompt_end, device=span.device).expand(batch)
+            end = _checked_prompt_end(prompt_end, span)
             self.prompt_end = end if bool((end < length).any()) else None
         self.initial_span = span
         self.key_mask = key_mask  # [B, L] bool from the 2-D attention mask, or None
@@ -464,6 +464,25 @@ class LanguageModelMerger:
             )
         kwargs["attention_mask"] = run.masks[key]
         return args, kwargs
+
+
+def _checked_prompt_end(prompt_end: int | list[int] | torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """`[B]` prompt ends that fit this input: one per row, within it, and after the row's images and videos (the
+    scoring query is the prompt's last token; before the visual tokens it would score nothing meaningful)."""
+    batch, length = span.shape
+    end = torch.as_tensor(prompt_end, device=span.device)
+    if end.dim() > 1 or (end.dim() == 1 and end.numel() != batch):
+        raise ValueError(f"illava.prompt_ends: {end.numel()} prompt lengths for a batch of {batch} rows")
+    end = end.expand(batch)
+    positions = torch.arange(length, device=span.device)
+    last_visual = torch.where(span >= 0, positions, -1).amax(dim=1)
+    for row, (row_end, row_last) in enumerate(zip(end.tolist(), last_visual.tolist())):
+        if not row_last < row_end <= length:
+            raise ValueError(
+                f"illava.prompt_ends: a prompt of {row_end} tokens in row {row} does not fit the input: it must end "
+                f"after the row's last image/video token (position {row_last}) and within its {length} tokens"
+            )
+    return end
 
 
 def _last_of_each_span(span: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,12 @@ Every `grid_thw` row is one segment (an image, or a whole video) and is merged i
 attention-pooling head, which the model runs per segment with the boundaries it computed before the layers,
 sees each segment's survivors: the encoder output is laid out on the original boundaries (survivors first,
 zero padding after) and the head's input is cut back to the survivors; the returned `last_hidden_state` holds
-the survivors only, packed, with `illava.last_trace(model)` telling which original patch each one is.
+the survivors only, packed, with `illava.last_trace(model)` telling which original patch each one is (one entry
+per `grid_thw` row).
+
+A row with t, h or w 0 holds no patch: as in the unpatched model it adds no token and its `pooler_output` row
+pools nothing. Merging leaves it out (there is nothing to merge, and r must not count against it); its trace entry
+counts 0 tokens at every step.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import types
 
 import torch
 
-from ..models.llava_vit import apply_rotary_pos_emb_vision
+from ..models.llava_vit import apply_rotary_pos_emb_vision, check_grid_thw
 from ..state import IllavaState
 from ..trace import VisionTrace
 from .packed import PackedRun, merge_packed
@@ -42,8 +47,10 @@ class EncoderMerger:
         self.model = model
         self.run: PackedRun | None = None
         self.grid_thw: torch.Tensor | None = None
+        self.merged_rows: torch.Tensor | None = None  # [S] grid_thw row of each merged segment (rows with patches)
         self.head_calls = 0
         self.laid_out_rows: torch.Tensor | None = None
+        self.kept_per_row: list[int] = []
         merge_layers = self.config.illava_vit_k
         layers = model.encoder.layers
         state.add_hook(model.register_forward_pre_hook(self._start, with_kwargs=True))
@@ -63,13 +70,17 @@ class EncoderMerger:
     def _start(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         grid_thw = args[1] if len(args) > 1 else kwargs["grid_thw"]
-        self.grid_thw = grid_thw
-        lengths = grid_thw.prod(dim=-1)
-        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=hidden.device, dtype=torch.int32)
-        grids = torch.stack((grid_thw[:, 0] * grid_thw[:, 1], grid_thw[:, 2]), dim=1)  # frames stacked vertically
-        self.run = PackedRun.start(cu_seqlens, grids.to(hidden.device), 1, self.config.illava_track_vit_source)
+        check_grid_thw(grid_thw, hidden.shape[0], allow_empty_rows=True)  # this hook runs before the model's check
+        self.grid_thw = grid_thw.to(hidden.device, torch.long)
+        lengths = self.grid_thw.prod(dim=-1)
+        self.merged_rows = (lengths > 0).nonzero().flatten()  # an empty segment has nothing to merge
+        grid = self.grid_thw[self.merged_rows]
+        cu_seqlens = torch.nn.functional.pad(lengths[self.merged_rows].cumsum(0), (1, 0)).to(torch.int32)
+        grids = torch.stack((grid[:, 0] * grid[:, 1], grid[:, 2]), dim=1)  # frames stacked vertically
+        self.run = PackedRun.start(cu_seqlens, grids, 1, self.config.illava_track_vit_source)
         self.head_calls = 0
         self.laid_out_rows = None
+        self.kept_per_row = []
         self.state.trace.clear()
 
     def _merging_forward(self, slot: dict):
@@ -91,8 +102,9 @@ class EncoderMerger:
         query, key = apply_rotary_pos_emb_vision(query.float(), key.float(), *position_embeddings)
 
         def describe(segment):
-            t, h, w = (int(v) for v in self.grid_thw[segment])
-            return f"segment {segment} (t, h, w = {t}, {h}, {w})"
+            row = int(self.merged_rows[segment])
+            t, h, w = (int(v) for v in self.grid_thw[row])
+            return f"segment {row} (t, h, w = {t}, {h}, {w})"
 
         return merge_packed(
             run, hidden_states, query, key, attention.scale, 1, self.config.vit_tokens_removed, describe,
@@ -117,17 +129,20 @@ class EncoderMerger:
         """Survivors of segment i at the start of its original range, zeros after (see the module docstring)."""
         run = self.run
         hidden = output[0] if isinstance(output, tuple) else output
-        original = torch.nn.functional.pad(self.grid_thw.prod(dim=-1).cumsum(0), (1, 0)).to(hidden.device)
+        original = torch.nn.functional.pad(self.grid_thw.prod(dim=-1).cumsum(0), (1, 0))
         lengths = (run.cu_seqlens[1:] - run.cu_seqlens[:-1]).long()
         segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=hidden.device), lengths)
         rank = torch.arange(hidden.shape[0], device=hidden.device) - run.cu_seqlens[:-1].long()[segment]
         laid_out = hidden.new_zeros(int(original[-1]), hidden.shape[-1])
-        self.laid_out_rows = original[:-1][segment] + rank
+        self.laid_out_rows = original[:-1][self.merged_rows][segment] + rank
         laid_out[self.laid_out_rows] = hidden
+        kept_per_row = torch.zeros_like(original[1:])
+        kept_per_row[self.merged_rows] = run.counts[-1]
+        self.kept_per_row = kept_per_row.tolist()  # the head runs once per grid_thw row, empty ones included
         return (laid_out, *output[1:]) if isinstance(output, tuple) else laid_out
 
     def _survivors_of_segment(self, module, args):
-        kept = int(self.run.counts[-1][self.head_calls])
+        kept = self.kept_per_row[self.head_calls]
         self.head_calls += 1
         return (args[0][:, :kept],)
 
@@ -140,18 +155,22 @@ class EncoderMerger:
                 output = (output[0][self.laid_out_rows], *output[1:])
             else:
                 output.last_hidden_state = output.last_hidden_state[self.laid_out_rows]
-        for segment in range(run.unit_grids.shape[0]):
-            final = int(run.counts[-1][segment])
-            rows, cols = (int(v) for v in run.unit_grids[segment])
+        segment_of_row = {row: segment for segment, row in enumerate(self.merged_rows.tolist())}
+        for row, (t, h, w) in enumerate(self.grid_thw.tolist()):
+            rows, cols = t * h, w  # frames stacked vertically
+            segment = segment_of_row.get(row)
+            counts = [0 if segment is None else int(step[segment]) for step in run.counts]
+            # an empty row (not merged) takes zero-width slices of the first segment's tables
+            table_row = 0 if segment is None else segment
             self.state.trace.vision.append(
                 VisionTrace(
                     modality="vision",
                     grid=(rows, cols),
                     merge_layers=self.config.illava_vit_k,
-                    tokens_per_group=[int(step[segment]) for step in run.counts],
-                    positions=run.positions[segment : segment + 1, :final],
-                    sources=None if run.sources is None else run.sources[segment : segment + 1, : rows * cols],
-                    source_history=[step[segment : segment + 1, : rows * cols] for step in run.source_history],
+                    tokens_per_group=counts,
+                    positions=run.positions[table_row : table_row + 1, : counts[-1]],
+                    sources=None if run.sources is None else run.sources[table_row : table_row + 1, : rows * cols],
+                    source_history=[step[table_row : table_row + 1, : rows * cols] for step in run.source_history],
                     groups_per_item=[1],
                 )
             )

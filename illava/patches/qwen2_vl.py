@@ -333,8 +333,7 @@ def patch_positions(state: IllavaState, inner, vision: PackedVision, videos_per_
         grids = [prefill[name] if prefill[name] is not None else _grids_of(state.trace.by_modality(modality), vision)
                  for name, modality in (("image_grid_thw", "image"), ("video_grid_thw", "video"))]
         extra = {"second_per_grid_ts": prefill["second_per_grid_ts"]} if prefill["second_per_grid_ts"] is not None else {}
-        repeat = _row_repeat(prefill["input_ids"], token_types,
-                             [grids[0], _slices_as_videos(grids[1]) if videos_per_slice else grids[1]])
+        repeat = _row_repeat(token_types, [grids[0], _slices_as_videos(grids[1]) if videos_per_slice else grids[1]])
         attention_mask = prefill["attention_mask"]
         positions, _ = inner.get_rope_index(
             prefill["input_ids"][::repeat], token_types[::repeat], *grids,
@@ -349,9 +348,10 @@ def patch_positions(state: IllavaState, inner, vision: PackedVision, videos_per_
     state.override_method(inner, "get_rope_index", get_rope_index)
 
 
-def _row_repeat(input_ids: torch.Tensor, token_types: torch.Tensor, grids) -> int:
+def _row_repeat(token_types: torch.Tensor, grids) -> int:
     """How many times generate() repeated each prompt row (num_beams, num_return_sequences): it encodes the images
-    of each prompt once and repeats the rows after, so the grids cover every `repeat`-th row only."""
+    of each prompt once and repeats the rows after, so the grids cover every `repeat`-th row only. Repeated rows
+    lay out their images and videos alike; their text may differ (beams re-run without a cache diverge)."""
     repeats = set()
     for value, grid in zip(MODALITY_OF_TOKEN_TYPE, grids):
         is_item = token_types == value
@@ -360,9 +360,9 @@ def _row_repeat(input_ids: torch.Tensor, token_types: torch.Tensor, grids) -> in
         if runs:
             repeats.add(runs // items if items and runs % items == 0 else 0)
     repeat = repeats.pop() if len(repeats) == 1 else 0
-    batch = input_ids.shape[0]
+    batch = token_types.shape[0]
     if repeat >= 1 and batch % repeat == 0:
-        groups = input_ids.view(batch // repeat, repeat, -1)
+        groups = token_types.view(batch // repeat, repeat, -1)
         if repeat == 1 or bool((groups == groups[:, :1]).all()):
             return repeat
     raise ValueError(

@@ -94,8 +94,9 @@ def _panels(trace: IllavaTrace, images: list[list[np.ndarray]], groups_of) -> tu
 
 
 def write_heatmaps(model, processor, inputs, trace: IllavaTrace, output_dir: str | Path) -> list[Path]:
-    """Write `attention_map_vit_layer_{n}.jpg` for each ViT merge layer and `attention_map_llm_layer_{n}.jpg`
-    for each LLM merge layer, n = tokens left per crop/frame (ViT) or in the first image/video span (LLM)."""
+    """Write `attention_map_vit_layer_{n}.jpg` for each ViT merge layer n and `attention_map_llm_layer_{n}.jpg` for
+    each LLM merge layer n; the tokens left are in each figure's title. Named by layer, not by the tokens left:
+    layers that leave the same count (nothing merged, or a ratio that rounds to zero) each keep their file."""
     if not trace.vision:
         return []
     images = group_images(model, processor, inputs, trace)
@@ -106,13 +107,13 @@ def write_heatmaps(model, processor, inputs, trace: IllavaTrace, output_dir: str
             break
         panels, titles = _panels(trace, images, lambda index, entry: entry.source_map(layer_index))
         remaining = first.tokens_per_group[layer_index + 1]
-        path = Path(output_dir) / f"attention_map_vit_layer_{remaining}.jpg"
+        path = Path(output_dir) / f"attention_map_vit_layer_{layer}.jpg"
         written.append(save_panels(panels, path, titles, f"ViT layer {layer}: {remaining} tokens per crop/frame"))
     for layer_index, language in enumerate(trace.language):
         if language.representatives is None:
             break
         panels, titles = _panels(trace, images, lambda index, entry: trace.llm_source_map(index, layer_index)[1])
         remaining = language.visual_tokens_per_span[0]
-        path = Path(output_dir) / f"attention_map_llm_layer_{remaining}.jpg"
+        path = Path(output_dir) / f"attention_map_llm_layer_{language.layer}.jpg"
         written.append(save_panels(panels, path, titles, f"LLM layer {language.layer}: {remaining} visual tokens"))
     return written
