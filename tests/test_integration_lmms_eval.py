@@ -150,6 +150,8 @@ def test_lmms_eval_cli(checkpoints, tmp_path, model, checkpoint, extra, batch_si
     assert set(run["results"]) == set(TASKS)
     # the console says whether merging is on (lmms-eval shows its loguru logger only)
     assert re.search(r"iLLaVA on \w+ForConditionalGeneration: ViT stage " + ("on" if merged else "off"), run["log"])
+    if "conv_template" in extra:  # the reference's loader arguments are accepted, and the console says they are unused
+        assert "conv_template=qwen_1_5, model_name=llava_qwen_training_free are reference-only" in run["log"]
     assert run["results"]["illava_tiny_rounds"]["rounds,none"] == 2.0
     assert 0.0 <= run["results"]["illava_tiny_mc"]["acc,none"] <= 1.0
     for task, samples in run["samples"].items():
@@ -230,6 +232,32 @@ def test_qwen2_vl_name_loads_qwen2_5_vl_checkpoints(checkpoints):
     assert isinstance(lm, Qwen25VLTrainingFree)
     assert type(lm.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert illava.is_applied(lm.model)
+
+
+@needs_lmms_eval
+@pytest.mark.parametrize(
+    "model, checkpoint",
+    [
+        ("LlavaOneVisionTrainingFree", "ov"),
+        ("Qwen2VLTrainingFree", "qwen2_vl"),
+        ("Qwen2VLTrainingFree", "qwen2_5_vl"),  # handed to Qwen25VLTrainingFree with the dtype
+        ("Qwen3VLTrainingFree", "qwen3_vl"),
+        ("Qwen3VLTrainingFree", "qwen3_vl_moe"),
+    ],
+)
+def test_models_load_in_the_dtype_asked_for(checkpoints, model, checkpoint):
+    """`dtype` from --model_args, whatever the parent hard-codes (Qwen3-VL's bfloat16 made answers depend on the
+    batch size); the float32 tiny checkpoints load as float32 by default ("auto": the checkpoint's own)."""
+    import illava.integrations.lmms_eval as integration
+
+    model_class = getattr(integration, model)
+    arguments = f"pretrained={checkpoints[checkpoint]},device_map=cpu"
+    for extra, dtype in (("", torch.float32), (",dtype=bfloat16", torch.bfloat16), (",dtype=float32", torch.float32)):
+        lm = model_class.create_from_arg_string(arguments + extra)
+        assert {parameter.dtype for parameter in lm.model.parameters()} == {dtype}, extra
+        assert illava.is_applied(lm.model)
+    with pytest.raises(ValueError, match="dtype='float33' is not"):
+        model_class.create_from_arg_string(arguments + ",dtype=float33")
 
 
 @needs_lmms_eval
@@ -384,8 +412,9 @@ def test_qwen3_vl_without_merging_answers_as_lmms_evals_own_qwen3_vl(checkpoints
 
     arguments = f"pretrained={checkpoints['qwen3_vl']},device=cpu,device_map=cpu,{QWEN3_INPUTS}"
     answers = []
-    for model in (Qwen3_VL, Qwen3VLTrainingFree):
-        lm = model.create_from_arg_string(arguments)
+    # lmms-eval's qwen3_vl always loads bfloat16
+    for model, extra in ((Qwen3_VL, ""), (Qwen3VLTrainingFree, ",dtype=bfloat16")):
+        lm = model.create_from_arg_string(arguments + extra)
         lm.task_dict = {"t": {"test": qwen3_docs}}
         answers.append([getattr(result, "text", result) for result in lm.generate_until(qwen3_requests("generate"))])
     assert answers[0] == answers[1]

@@ -1,6 +1,6 @@
 """VLMEvalKit integration: a full offline run of VLMEvalKit's run.py through `python -m illava.integrations.vlmeval`
-on a tiny Qwen2-VL checkpoint and a tiny MCQ TSV under $LMUData; the Qwen3-VL entries' settings and one of their
-generations on a tiny Qwen3-VL checkpoint.
+on a tiny Qwen2-VL checkpoint and a tiny MCQ TSV under $LMUData, and one whose model cannot be built (a non-zero
+exit); the Qwen3-VL entries' settings and one of their generations on a tiny Qwen3-VL checkpoint.
 
 The run needs VLMEvalKit (a source checkout, `pip install -e`) and skips without it; the import test checks the
 other side: without VLMEvalKit the module refuses to import with an install hint.
@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,31 +56,43 @@ def write_mcq_tsv(path) -> None:
     pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
 
 
-@pytest.mark.skipif(not HAS_VLMEVAL, reason="VLMEvalKit is not installed (a source checkout, pip install -e)")
-def test_launcher_runs_vlmevalkit_on_a_tiny_checkpoint(tmp_path):
-    checkpoint = tmp_path / "tiny-qwen2-vl"
-    model, processor = tiny_qwen2_vl(vision_depth=16, text_layers=9)  # deep enough for the 7B layer choices
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
+needs_vlmeval = pytest.mark.skipif(not HAS_VLMEVAL, reason="VLMEvalKit is not installed (a source checkout, pip install -e)")
+
+
+def launch(tmp_path, checkpoint) -> subprocess.CompletedProcess:
+    """`python -m illava.integrations.vlmeval` offline on the tiny MCQ TSV with `MODEL` loading `checkpoint`."""
     data = tmp_path / "LMUData"
-    data.mkdir()
+    data.mkdir(exist_ok=True)
     write_mcq_tsv(data / f"{DATASET}.tsv")
-    work = tmp_path / "outputs"
     command = [
         sys.executable, "-m", "illava.integrations.vlmeval",
         "--data", DATASET, "--model", MODEL,
         "--model-path", str(checkpoint),
         "--model-args", '{"max_new_tokens": 8, "min_pixels": 12544, "max_pixels": 50176}',
         "--judge", "exact_matching",  # no API judge: offline
-        "--work-dir", str(work),
+        "--work-dir", str(tmp_path / "outputs"),
     ]  # fmt: skip
     env = {
         **os.environ, "LMUData": str(data), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }  # fmt: skip
-    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def save_tiny_qwen2_vl(folder, **sizes):
+    model, processor = tiny_qwen2_vl(**sizes)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@needs_vlmeval
+def test_launcher_runs_vlmevalkit_on_a_tiny_checkpoint(tmp_path):
+    # deep enough for the 7B layer choices
+    checkpoint = save_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl", vision_depth=16, text_layers=9)
+    completed = launch(tmp_path, checkpoint)
     log = completed.stdout + completed.stderr
-    # VLMEvalKit logs a failed model x dataset combination and exits 0: the files are the verdict
+    work = tmp_path / "outputs"
     predictions = list(work.glob(f"{MODEL}/*/{MODEL}_{DATASET}.xlsx"))
     scores = list(work.glob(f"{MODEL}/*/{MODEL}_{DATASET}_acc.csv"))
     assert completed.returncode == 0 and predictions and scores, log[-6000:]
@@ -87,9 +100,25 @@ def test_launcher_runs_vlmevalkit_on_a_tiny_checkpoint(tmp_path):
     settings = json.loads((work / MODEL / "illava_settings.json").read_text())  # recorded with the results
     assert settings["model_path"] == str(checkpoint) and settings["illava"]["illava_vit_k"] == [12, 13, 14, 15]
     assert "'vit_layer_15'" in log and "'llm_layer_8'" in log
+    # the launcher's own lines reach the console, logged before VLMEvalKit sets up its logging
+    settings_line = rf"INFO - vlmeval\.illava: iLLaVA settings of {MODEL} \(also in .+\): ViT stage on"
+    assert re.search(settings_line, completed.stdout) and log.count(f"iLLaVA settings of {MODEL}") == 1, log[:6000]
 
 
-needs_vlmeval = pytest.mark.skipif(not HAS_VLMEVAL, reason="VLMEvalKit is not installed (a source checkout, pip install -e)")
+@needs_vlmeval
+def test_launcher_exits_non_zero_when_the_model_cannot_be_built(tmp_path):
+    """VLMEvalKit's run.py logs a failed model x dataset combination and exits 0; the launcher does not."""
+    checkpoint = save_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")  # 6 ViT layers: the entry merges at 12-15
+    completed = launch(tmp_path, checkpoint)
+    log = completed.stdout + completed.stderr
+    assert completed.returncode == 1, log[-6000:]
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"illava: VLMEvalKit's run\.py failed: Model {MODEL} x Dataset {DATASET} combination failed: "
+        r"illava_vit_k=12-13-14-15: layer\(s\) \[12, 13, 14, 15\] beyond .*",
+        last_line,
+    ), log[-6000:]
+    assert not list((tmp_path / "outputs").glob(f"{MODEL}/*/{MODEL}_{DATASET}.xlsx"))
 
 
 @needs_vlmeval
@@ -102,6 +131,8 @@ def test_model_args_are_checked_before_any_model_loads(tmp_path):
         entries(None, {"illava_options": {"illava_vit_r": 1.0}})
     with pytest.raises(ValueError, match="--model-path='/no/such/folder' does not exist"):
         entries("/no/such/folder")
+    with pytest.raises(ValueError, match=r"--model-args=\[16\] must be a JSON object of IllavaChat keywords"):
+        entries(None, [16])
     # illava_options update the entry's settings instead of replacing them
     options = entries(str(tmp_path), {"illava_options": {"enable_illava_llm": False}})[MODEL].keywords["illava_options"]
     assert options["enable_illava_llm"] is False and options["illava_vit_k"] == "12-13-14-15"

@@ -1,7 +1,9 @@
 """lmms-eval model classes with iLLaVA merging; import through `illava.integrations.lmms_eval`.
 
 lmms-eval's transformers-based models (`llava_hf`, `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`) load the checkpoint, the
-processor and the accelerator setup; `illava.apply` then patches that model and processor instance. The request
+processor and the accelerator setup; `illava.apply` then patches that model and processor instance. All models take
+`dtype` as `llava_hf` does ("auto", the checkpoint's own, by default; "float32", "bfloat16", ...), where the Qwen
+parents hard-code theirs (bfloat16 makes batched answers depend on the batch size). The request
 loops are ours, shared by all classes, because the parents' do not fit merging: `llava_hf` generates one request at
 a time and scores a loglikelihood against a context length counted without the image placeholders, the Qwen models
 have no loglikelihood (`qwen3_vl` no multi-round generation either), and none hands per-sample data back. Here
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import re
 from typing import Any
 
@@ -25,10 +26,10 @@ from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.imports import require_package
 from lmms_eval.models.model_utils.load_video import read_video
+from lmms_eval.models.simple import qwen2_5_vl as lmms_qwen2_5_vl
+from lmms_eval.models.simple import qwen2_vl as lmms_qwen2_vl
 from lmms_eval.models.simple import qwen3_vl as lmms_qwen3_vl
 from lmms_eval.models.simple.llava_hf import LlavaHf
-from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL
-from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
@@ -37,8 +38,6 @@ import illava
 from ..config import IllavaConfig
 from .checkpoints import check_checkpoint
 from .report import merge_reports
-
-logger = logging.getLogger(__name__)
 
 _IMAGE_MARKER = re.compile(r"<image(?: (\d+))?>")
 
@@ -83,6 +82,39 @@ def _require_type(pretrained: str, model_types: tuple[str, ...], model_name: str
             f"{model_name} loads {' / '.join(model_types)} checkpoints in the transformers format; "
             f"{pretrained} has model_type {found!r}"
         )
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """`dtype` as `from_pretrained` takes it: "auto" (the checkpoint's own) or a floating-point torch dtype, given
+    as one or by its name in torch ("float32", "bfloat16", "float16")."""
+    if dtype == "auto":
+        return dtype
+    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not auto or a floating-point torch dtype (float32, bfloat16, float16)")
+    return resolved
+
+
+class _LoadsIn:
+    """Stands in for the model class a parent loads, so that it loads in `dtype` whatever dtype the parent asks."""
+
+    def __init__(self, model_class: Any, dtype: str | torch.dtype) -> None:
+        self.model_class = model_class
+        self.dtype = dtype
+
+    def from_pretrained(self, pretrained: str, **kwargs: Any):
+        kwargs.pop("torch_dtype", None)
+        return self.model_class.from_pretrained(pretrained, **{**kwargs, "dtype": self.dtype})
+
+
+@contextlib.contextmanager
+def _replaced(module: Any, name: str, value: Any):
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 def _placement(device: str | None, device_map: str | None) -> tuple[str, str | None]:
@@ -325,8 +357,8 @@ class LlavaOneVisionTrainingFree(_IllavaRequests, LlavaHf):
     """`llava_onevision_training_free`: LLaVA-OneVision checkpoints in the transformers format
     (`LlavaOnevisionForConditionalGeneration`, e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf).
 
-    Takes `llava_hf`'s arguments (`dtype`, `attn_implementation`, `max_frames_num`, ...), the `illava_*` options, a
-    `system_prompt` and the reference's loader arguments, accepted for command-line compatibility:
+    Takes `llava_hf`'s arguments (`dtype`, checked by name, `attn_implementation`, `max_frames_num`, ...), the
+    `illava_*` options, a `system_prompt` and the reference's loader arguments, accepted for command-line compatibility:
     `conv_template` (the checkpoint's chat template is used; `system_prompt` defaults to the system line of the
     reference's `qwen_1_5` template), `model_name` (the reference picks its loader by name; the config decides
     here); `mm_spatial_pool_stride` (2: transformers' 2x2 video pooling, 1: every frame token kept) is honoured.
@@ -343,19 +375,20 @@ class LlavaOneVisionTrainingFree(_IllavaRequests, LlavaHf):
         system_prompt: str | None = "You are a helpful assistant.",
         device: str | None = None,
         device_map: str = "",
+        dtype: str | torch.dtype = "auto",
         **kwargs: Any,
     ) -> None:
+        dtype = _torch_dtype(dtype)
         config = IllavaConfig.pop_from(kwargs)
         _require_type(pretrained, ("llava_onevision",), "llava_onevision_training_free")
         if int(mm_spatial_pool_stride) < 1:
             raise ValueError(f"mm_spatial_pool_stride={mm_spatial_pool_stride} must be a positive integer")
-        logger.info(
-            "conv_template=%s, model_name=%s are reference-only; the checkpoint's chat template is used",
-            conv_template,
-            model_name,
+        eval_logger.info(  # lmms-eval's console shows its loguru logger only
+            f"conv_template={conv_template}, model_name={model_name} are reference-only; the checkpoint's chat "
+            "template is used"
         )
         device, device_map = _placement(device, device_map)
-        super().__init__(pretrained=pretrained, device=device, device_map=device_map, **kwargs)
+        super().__init__(pretrained=pretrained, device=device, device_map=device_map, dtype=dtype, **kwargs)
         self.system_prompt = system_prompt
         if self.chat_template is not None:  # llava_hf's `chat_template` argument
             self._image_processor.chat_template = self.chat_template
@@ -365,35 +398,55 @@ class LlavaOneVisionTrainingFree(_IllavaRequests, LlavaHf):
 
 
 class _QwenTrainingFree(_IllavaRequests):
-    """Shared constructor of the Qwen models: the parent takes all remaining arguments (`min_pixels`,
+    """Shared constructor of the Qwen models: `dtype` as `llava_onevision_training_free` takes it (the parents
+    hard-code theirs and refuse the argument); the parent takes all remaining arguments (`min_pixels`,
     `max_pixels`, `max_num_frames`, `system_prompt`, ...)."""
 
     model_types: tuple[str, ...] = ()
     registered_name = ""
+    parent_module: Any = None  # the parent's lmms-eval module, whose global `model_class_name` the parent loads
+    model_class_name = ""
 
-    def __init__(self, pretrained: str, device: str | None = None, device_map: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = None,
+        device_map: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        **kwargs: Any,
+    ):
+        dtype = _torch_dtype(dtype)
         config = IllavaConfig.pop_from(kwargs)
         _require_type(pretrained, self.model_types, self.registered_name)
         device, device_map = _placement(device, device_map)
-        super().__init__(pretrained=pretrained, device=device, device_map=device_map, **kwargs)
+        with self._parent_loads_in(dtype):
+            super().__init__(pretrained=pretrained, device=device, device_map=device_map, **kwargs)
         self._attach_illava(config, self.processor, self.max_num_frames)
 
+    def _parent_loads_in(self, dtype: str | torch.dtype) -> contextlib.AbstractContextManager:
+        model_class = getattr(self.parent_module, self.model_class_name)
+        return _replaced(self.parent_module, self.model_class_name, _LoadsIn(model_class, dtype))
 
-class Qwen25VLTrainingFree(_QwenTrainingFree, Qwen2_5_VL):
-    """`qwen2_5_vl_training_free`: Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`; the parent loads bfloat16)."""
+
+class Qwen25VLTrainingFree(_QwenTrainingFree, lmms_qwen2_5_vl.Qwen2_5_VL):
+    """`qwen2_5_vl_training_free`: Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`)."""
 
     model_types = ("qwen2_5_vl",)
     registered_name = "qwen2_5_vl_training_free"
+    parent_module = lmms_qwen2_5_vl
+    model_class_name = "Qwen2_5_VLForConditionalGeneration"
 
     def __init__(self, pretrained: str = "Qwen/Qwen2.5-VL-7B-Instruct", **kwargs: Any) -> None:
         super().__init__(pretrained, **kwargs)
 
 
-class Qwen2VLTrainingFree(_QwenTrainingFree, Qwen2_VL):
+class Qwen2VLTrainingFree(_QwenTrainingFree, lmms_qwen2_vl.Qwen2_VL):
     """`qwen2_vl_training_free`: Qwen2-VL; lmms-eval hands Qwen2.5-VL checkpoints to `Qwen25VLTrainingFree`."""
 
     model_types = ("qwen2_vl",)
     registered_name = "qwen2_vl_training_free"
+    parent_module = lmms_qwen2_vl
+    model_class_name = "Qwen2VLForConditionalGeneration"
 
     def __init__(self, pretrained: str = "Qwen/Qwen2-VL-7B-Instruct", **kwargs: Any) -> None:
         super().__init__(pretrained, **kwargs)
@@ -407,26 +460,9 @@ class Qwen2VLTrainingFree(_QwenTrainingFree, Qwen2_VL):
         return super().create_from_arg_string(arg_string, additional_config)
 
 
-@contextlib.contextmanager
-def _qwen3_class_by_model_type():
-    """lmms-eval's `qwen3_vl` loads the MoE class only when the checkpoint's *name* has an "A<n>B" part
-    (Qwen/Qwen3-VL-30B-A3B-Instruct): a local copy in another folder would load as the dense model, its expert
-    weights dropped and its MLPs random. While the parent loads, the config's model_type decides instead."""
-    resolve = lmms_qwen3_vl._resolve_model_class
-
-    def by_model_type(pretrained: str, _name_says_moe: bool):
-        return resolve(pretrained, _checkpoint_type(pretrained) == "qwen3_vl_moe")
-
-    lmms_qwen3_vl._resolve_model_class = by_model_type
-    try:
-        yield
-    finally:
-        lmms_qwen3_vl._resolve_model_class = resolve
-
-
 class Qwen3VLTrainingFree(_QwenTrainingFree, lmms_qwen3_vl.Qwen3_VL):
     """`qwen3_vl_training_free`: Qwen3-VL and Qwen3-VL-MoE (`Qwen3VLForConditionalGeneration`,
-    `Qwen3VLMoeForConditionalGeneration`, chosen by the checkpoint's model_type; the parent loads bfloat16).
+    `Qwen3VLMoeForConditionalGeneration`, chosen by the checkpoint's model_type).
 
     Images and videos are prepared as the parent prepares them: qwen-vl-utils resizes images within
     `min_pixels` / `max_pixels` and samples `max_num_frames` frames per video (or `fps` frames a second), and
@@ -439,8 +475,19 @@ class Qwen3VLTrainingFree(_QwenTrainingFree, lmms_qwen3_vl.Qwen3_VL):
 
     def __init__(self, pretrained: str = "Qwen/Qwen3-VL-8B-Instruct", **kwargs: Any) -> None:
         require_package("qwen_vl_utils", feature="qwen3_vl_training_free (it reads images and videos with it)")
-        with _qwen3_class_by_model_type():
-            super().__init__(pretrained, **kwargs)
+        super().__init__(pretrained, **kwargs)
+
+    def _parent_loads_in(self, dtype: str | torch.dtype) -> contextlib.AbstractContextManager:
+        """The parent loads the MoE class only when the checkpoint's *name* has an "A<n>B" part
+        (Qwen/Qwen3-VL-30B-A3B-Instruct): a local copy in another folder would load as the dense model, its expert
+        weights dropped and its MLPs random. While the parent loads, the config's model_type decides instead."""
+        resolve = lmms_qwen3_vl._resolve_model_class
+
+        def by_model_type(pretrained: str, _name_says_moe: bool):
+            model_class, dtype_key = resolve(pretrained, _checkpoint_type(pretrained) == "qwen3_vl_moe")
+            return _LoadsIn(model_class, dtype), dtype_key
+
+        return _replaced(lmms_qwen3_vl, "_resolve_model_class", by_model_type)
 
     def _chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         return self._apply_chat_template(messages)  # the parent's: passes enable_thinking to the template

@@ -8,7 +8,9 @@ VLMEvalKit's own `run.py` (beside the `vlmeval` package of a source checkout) in
 arguments. `--model-path` points the iLLaVA models at another checkpoint (a local copy, a tiny test model) and
 `--model-args '{"max_new_tokens": 16, "illava_options": {"enable_illava_llm": false}}'` overrides their `IllavaChat`
 keywords and updates their iLLaVA options. Each run's settings are written to
-`<work-dir>/<model>/illava_settings.json` beside VLMEvalKit's results. VLMEvalKit's own wrappers
+`<work-dir>/<model>/illava_settings.json` beside VLMEvalKit's results. run.py logs a failed model x dataset
+combination (a model that cannot be built, a dataset it cannot load or evaluate) and goes on; the launcher then
+exits non-zero, naming what failed. VLMEvalKit's own wrappers
 hard-code CUDA, flash-attention-2 and `nvidia-smi`; `IllavaChat` (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) and
 `Qwen3VLIllavaChat` (Qwen3-VL, Qwen3-VL-MoE) load the transformers model, on the CPU or a GPU, and log a merge
 report per sample into VLMEvalKit's log.
@@ -17,8 +19,10 @@ report per sample into VLMEvalKit's log.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import logging
 import runpy
 import sys
 from pathlib import Path
@@ -274,6 +278,8 @@ def entries(model_path: str | None = None, model_args: dict[str, Any] | None = N
     keywords (e.g. `{"max_new_tokens": 16, "device": "cpu"}`); iLLaVA options go under `"illava_options"` and
     update the entry's own (`{"illava_options": {"enable_illava_llm": false}}` turns one stage off). Every value
     is checked here, before any model loads."""
+    if model_args is not None and not isinstance(model_args, dict):
+        raise ValueError(f"--model-args={json.dumps(model_args)} must be a JSON object of IllavaChat keywords")
     overrides = dict(model_args or {})
     misplaced = sorted(set(overrides) & set(IllavaConfig.field_names()))
     if misplaced:
@@ -341,20 +347,65 @@ def run_script() -> Path:
     return path
 
 
+RUN_NAME = "__main__"  # run.py's __name__: it logs through `get_logger(__name__)`
+
+
+class _RunFailures(logging.Handler):
+    """Collects the errors run.py logs: a failed model x dataset combination, a dataset it cannot load or
+    evaluate. It logs each and goes on, so its exit status does not tell."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _launcher_console():
+    """The launcher's own log lines on the console, as run.py's console shows VLMEvalKit's: they come before run.py
+    sets up VLMEvalKit's logging (`setup_logger`), and until then the "vlmeval" logger has no handlers and drops
+    INFO lines (its level is unset: the root logger's WARNING)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        logging.Formatter("[%(asctime)s] %(levelname)s - %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    )
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not also to the root handler that importing vlmeval sets up (logging.basicConfig)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)  # from here on run.py's handlers show them
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Register, then run VLMEvalKit's run.py with the other arguments."""
+    """Register, then run VLMEvalKit's run.py with the other arguments; exit non-zero when run.py logs a failure."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --help reaches run.py
     parser.add_argument("--model-path", help="load this checkpoint for the iLLaVA models")
     parser.add_argument("--model-args", type=json.loads, help="JSON object of IllavaChat keywords for them")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    try:
-        registered = register(args.model_path, args.model_args)
-    except ValueError as error:
-        raise SystemExit(f"illava: {error}") from None
-    record_settings(registered, rest)
+    with _launcher_console():
+        try:
+            registered = register(args.model_path, args.model_args)
+        except ValueError as error:
+            raise SystemExit(f"illava: {error}") from None
+        record_settings(registered, rest)
     script = run_script()
     sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
+    failures = _RunFailures()
+    run_logger = get_logger(RUN_NAME)
+    run_logger.addHandler(failures)
+    try:
+        runpy.run_path(str(script), run_name=RUN_NAME)
+    finally:
+        run_logger.removeHandler(failures)
+    if failures.messages:
+        raise SystemExit("illava: VLMEvalKit's run.py failed: " + "; ".join(failures.messages))
 
 
 if __name__ == "__main__":

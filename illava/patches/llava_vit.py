@@ -84,8 +84,10 @@ class EncoderMerger:
         self.state.trace.clear()
 
     def _merging_forward(self, slot: dict):
-        """`LlavaViTEncoderLayer.forward` (pre-LN) with the merge between the attention residual and the MLP."""
+        """`LlavaViTEncoderLayer.forward` (pre-LN) with the merge between the attention residual and the MLP; eager
+        under torch.compile, like the other merging layers (`qwen2_vl.PackedVision._merging_forward`)."""
 
+        @torch.compiler.disable
         def forward(layer, hidden_states, cu_seqlens, position_embeddings):
             hidden_states = hidden_states + layer.self_attn(
                 layer.layer_norm1(hidden_states), cu_seqlens=cu_seqlens, position_embeddings=position_embeddings

@@ -209,8 +209,10 @@ class PackedVision:
 
     def _merging_forward(self, slot: dict):
         """`Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock.forward` (the tested window, `illava.compat`) with the merge between
-        attention and MLP."""
+        attention and MLP. Run eagerly under torch.compile: the merge is data-dependent (per-segment counts,
+        top-k), and the q/k it scores are handed over by a hook on `qkv`, which a compiled frame does not run."""
 
+        @torch.compiler.disable
         def forward(block, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
             hidden_states = hidden_states + block.attn(
                 block.norm1(hidden_states), cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs

@@ -30,8 +30,11 @@ def _capture_output(slot: dict, key: str):
 def merging_layer_forward(merge_step):
     """Forward of a SigLIP / SigLIP2 encoder layer with `merge_step(layer, hidden_states)` between the attention
     residual and LN2/MLP. Same computation as `SiglipEncoderLayer.forward` / `Siglip2EncoderLayer.forward` of
-    every transformers release of the tested window otherwise (`illava.compat`, checked on each)."""
+    every transformers release of the tested window otherwise (`illava.compat`, checked on each). Run eagerly under
+    torch.compile: the merge is data-dependent, and the q/k it scores come from projection hooks, whose side
+    effects a compiled frame does not hand over (torch 2.6)."""
 
+    @torch.compiler.disable
     def forward(layer, hidden_states, attention_mask=None, **kwargs):
         residual = hidden_states
         attention_output, _ = layer.self_attn(
