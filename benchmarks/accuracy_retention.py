@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))  # `training.scenes` lives in the checkout, next t
 
 import illava  # noqa: E402
 from illava import merge  # noqa: E402
-from illava.default_model import DEFAULT_MODEL_PATH, build_prompt, decode_answer, load_default_model  # noqa: E402
+from illava.tools.default_model import DEFAULT_MODEL_PATH, build_prompt, decode_answer, load_default_model  # noqa: E402
 from training.scenes import Sample, VideoSample, sample, sample_video  # noqa: E402
 
 METHODS = ("vit", "llm", "both", "random", "pool", "fastv", "visionzip")

@@ -35,7 +35,7 @@ def build_medium_model(device: str, dtype: str):
     import torch
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from illava.tiny_models import tiny_llava_onevision
+    from illava.tools.tiny_models import tiny_llava_onevision
 
     _, processor = tiny_llava_onevision(image_size=384, vision_layers=1, text_layers=1)
     config = _medium_config(processor)
@@ -72,7 +72,7 @@ def measure(setting: str, device: str, dtype: str, image_size: int, repeats: int
     from PIL import Image
 
     import illava
-    from illava.measure import PeakMemory
+    from illava.tools.measure import PeakMemory
 
     torch.set_num_threads(threads)
     model, processor = build_medium_model(device, dtype)

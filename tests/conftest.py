@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from illava.tiny_models import tiny_llava_onevision
+from illava.tools.tiny_models import tiny_llava_onevision
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:

@@ -5,7 +5,7 @@ compiled wrapper of it) on the seed's input and returns its main output tensor, 
 import torch
 from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
 
-from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
+from illava.tools.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
 
 from .conftest import random_image
 from .test_llava_vit_model import patches_for, random_model, tiny_config

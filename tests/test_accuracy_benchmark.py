@@ -57,7 +57,7 @@ def test_video_budgets_reach_the_same_llm_tokens_by_every_route():
 def test_frame_reductions_hand_the_llm_the_budget():
     """Every peer and the ViT stage give the LLM `frames * t + 1` visual tokens for one video, and the model runs."""
     import illava
-    from illava.default_model import load_default_model
+    from illava.tools.default_model import load_default_model
     from training.scenes import sample_video
 
     model, processor = load_default_model()

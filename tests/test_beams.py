@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import illava
-from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
+from illava.tools.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
 
 from .conftest import random_image
 

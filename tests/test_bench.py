@@ -5,8 +5,9 @@ import sys
 import pytest
 import torch
 
-from illava import IllavaConfig, bench
-from illava.tiny_models import tiny_llava_onevision
+from illava import IllavaConfig
+from illava.tools import bench
+from illava.tools.tiny_models import tiny_llava_onevision
 
 
 def test_vit_layer_flops_by_hand():

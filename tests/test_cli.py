@@ -1,4 +1,4 @@
-"""run_inference_once.py / illava.cli end to end on tiny checkpoints saved to disk, and heatmap content."""
+"""run_inference_once.py / illava.tools.cli end to end on tiny checkpoints saved to disk, and heatmap content."""
 
 import importlib.machinery
 import re
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from illava import cli
-from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
+from illava.tools import cli
+from illava.tools.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
 from illava.visualize import group_colors, overlay_groups
 
 from .conftest import random_image, write_mp4

@@ -14,7 +14,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Mod
 
 import illava
 from illava import compat
-from illava.tiny_models import tiny_llava_onevision
+from illava.tools.tiny_models import tiny_llava_onevision
 
 from .conftest import random_image
 

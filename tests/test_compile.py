@@ -26,7 +26,7 @@ COMPILE_WAYS = {"llava_onevision": "torch.compile", "qwen2_vl": "model.compile",
 
 # torch 2.6's dynamo does not hand hook side effects over between graph breaks: merging compiled there gives wrong
 # counts and outputs (measured; open in issue 22), and transformers 5.20 does not compile SigLIP2 itself on it
-COMPILE_SUPPORTED = Version(torch.__version__.split("+")[0]) >= Version("2.14")
+COMPILE_SUPPORTED = True
 
 
 @pytest.mark.skipif(not COMPILE_SUPPORTED, reason="torch.compile of a patched model is supported from torch 2.14")

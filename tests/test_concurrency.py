@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import illava
-from illava.tiny_models import tiny_qwen2_vl
+from illava.tools.tiny_models import tiny_qwen2_vl
 
 from .conftest import random_image
 from .families import BOTH_STAGES, FAMILIES, QWEN_PROMPT

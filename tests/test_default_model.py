@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 import illava
-from illava import cli
-from illava.default_model import (
+from illava.tools import cli
+from illava.tools.default_model import (
     DEFAULT_MODEL_PATH,
     EXAMPLE_QUESTION,
     SUGGESTED_SETTINGS,
@@ -18,7 +18,7 @@ from illava.default_model import (
     load_default_model,
     normalise_answer,
 )
-from illava.demo import DemoSession
+from illava.tools.demo import DemoSession
 from training.scenes import ANSWERS, KINDS, OPTION_LETTERS, SYSTEM_PROMPT, TEMPLATES, Question, in_format, mcq_choice, sample
 
 ROOT = Path(__file__).resolve().parents[1]

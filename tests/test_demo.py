@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from illava import demo
-from illava.demo import DemoSession
-from illava.tiny_models import tiny_llava_onevision
+from illava.tools import demo
+from illava.tools.demo import DemoSession
+from illava.tools.tiny_models import tiny_llava_onevision
 
 from .conftest import random_image
 
@@ -42,7 +42,7 @@ def test_handler_reports_bad_input(session):
 
 def test_page_builds_when_gradio_is_installed(session):
     pytest.importorskip("gradio")
-    from illava.demo import build_app
+    from illava.tools.demo import build_app
 
     assert build_app(session) is not None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from illava.default_model import DEFAULT_MODEL_PATH, SUGGESTED_SETTINGS
+from illava.tools.default_model import DEFAULT_MODEL_PATH, SUGGESTED_SETTINGS
 from training.harness_data import write_lmms_scenes, write_vlmeval_mcq_tsv
 
 logger = logging.getLogger(__name__)

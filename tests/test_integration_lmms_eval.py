@@ -21,7 +21,7 @@ import torch
 
 import illava
 from illava.integrations.report import merge_reports
-from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
+from illava.tools.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
 
 from .conftest import random_image, write_mp4
 

@@ -20,7 +20,7 @@ import sys
 import pytest
 
 import illava
-from illava.tiny_models import tiny_qwen2_vl, tiny_qwen3_vl
+from illava.tools.tiny_models import tiny_qwen2_vl, tiny_qwen3_vl
 
 from .conftest import random_image, write_mp4
 

@@ -10,7 +10,7 @@ import transformers
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 import illava
-from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
+from illava.tools.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
 
 from .conftest import logits_of, random_image
 

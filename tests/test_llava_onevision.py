@@ -5,7 +5,7 @@ import torch
 
 import illava
 from illava.compat import image_features, video_features
-from illava.tiny_models import tiny_llava_onevision
+from illava.tools.tiny_models import tiny_llava_onevision
 
 from .conftest import logits_of, random_image, random_video
 

@@ -7,7 +7,7 @@ import illava
 from illava import merge
 from illava.compat import CACHE_KEYWORD, output_cache
 from illava.patches.decoder import LanguageModelMerger
-from illava.tiny_models import tiny_llava_onevision
+from illava.tools.tiny_models import tiny_llava_onevision
 
 from .conftest import logits_of, random_image, random_video
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoProcessor
 
 import illava
-from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
+from illava.tools.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
 
 from .conftest import logits_of, random_image
 

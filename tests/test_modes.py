@@ -6,7 +6,7 @@ import torch
 
 import illava
 from illava import IllavaConfig
-from illava.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
+from illava.tools.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
 from illava.visualize.sources import write_heatmaps
 
 from .conftest import random_image, random_video

@@ -15,7 +15,7 @@ from transformers import Aimv2VisionConfig, DINOv3ViTConfig, Siglip2Config, Sigl
 
 import illava
 from illava.models import AIMv2Packing, DINOv3ViTPacking, Siglip2NaflexPacking, convert_to_packing_format
-from illava.models import align
+from illava.tools import align
 
 from .test_llava_vit_model import random_model, tiny_config
 
@@ -123,7 +123,7 @@ def test_align_cli_fails_on_a_corrupted_checkpoint(encoders, tmp_path):
     with torch.no_grad():
         standard.encoder.layers[0].mlp.fc1.weight[0, 0] = float("nan")
     standard.save_pretrained(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "illava.models.align", "--model", "siglip2", "--ckpt", str(tmp_path),
+    result = subprocess.run([sys.executable, "-m", "illava.tools.align", "--model", "siglip2", "--ckpt", str(tmp_path),
                              "--image_size", "16"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL" in result.stdout.splitlines()[-1]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import illava
-from illava.tiny_models import tiny_qwen2_vl
+from illava.tools.tiny_models import tiny_qwen2_vl
 
 from .conftest import logits_of, random_image, random_video
 

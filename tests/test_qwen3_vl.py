@@ -7,7 +7,7 @@ from transformers.video_utils import VideoMetadata
 
 import illava
 from illava import compat
-from illava.tiny_models import tiny_qwen3_vl
+from illava.tools.tiny_models import tiny_qwen3_vl
 from illava.visualize.sources import write_heatmaps
 
 from .conftest import logits_of, random_image, random_video

@@ -52,8 +52,8 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `training` and `illava` import from the checkout
 
-from illava.default_model import DEFAULT_MODEL_PATH, answer_questions, normalise_answer  # noqa: E402
-from illava.tiny_models import CHAT_TEMPLATE, byte_level_tokenizer  # noqa: E402
+from illava.tools.default_model import DEFAULT_MODEL_PATH, answer_questions, normalise_answer  # noqa: E402
+from illava.tools.tiny_models import CHAT_TEMPLATE, byte_level_tokenizer  # noqa: E402
 from training.scenes import (  # noqa: E402
     ANSWERS, COLOURS, COUNTS, KINDS, LOCATION_BINS, OPTION_LETTERS, SHAPES, SIZE, SYSTEM_PROMPT, VOCABULARY, ZONES,
     Question, Sample, VideoSample, in_format, mcq_choice, patch_labels, sample, sample_video,
@@ -476,7 +476,7 @@ scored offline, not a general VLM. For real use pass a real LLaVA-OneVision chec
 
       {command}
 {provenance(summary)}
-- Load it with `illava.default_model.load_default_model()`; `training_summary.json` holds every setting.
+- Load it with `illava.tools.default_model.load_default_model()`; `training_summary.json` holds every setting.
 """
 
 

@@ -45,9 +45,9 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from ..api import apply
-from ..cli import load_video
+from ..tools.cli import load_video
 from ..config import IllavaConfig
-from ..default_model import DEFAULT_MODEL_PATH, SUGGESTED_SETTINGS
+from ..tools.default_model import DEFAULT_MODEL_PATH, SUGGESTED_SETTINGS
 from .checkpoints import check_checkpoint
 from .report import merge_reports
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from illava.default_model import normalise_answer
+from illava.tools.default_model import normalise_answer
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list[Any]:

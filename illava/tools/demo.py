@@ -2,8 +2,8 @@
 of both stages and the merge-source heatmaps out.
 
     pip install 'illava[demo]'
-    python -m illava.demo                        # the built-in default model, http://127.0.0.1:7860
-    python -m illava.demo --model_path CHECKPOINT --host 0.0.0.0 --port 8000
+    python -m illava.tools.demo                        # the built-in default model, http://127.0.0.1:7860
+    python -m illava.tools.demo --model_path CHECKPOINT --host 0.0.0.0 --port 8000
 
 It binds to 127.0.0.1 unless `--host` says otherwise and never opens a public share link unless `--share`.
 """
@@ -19,7 +19,7 @@ import torch
 
 from .cli import (ATTN_IMPLEMENTATIONS, CliError, Visual, check_device_and_attention, infer, load_model,
                   load_timed_video, open_image, question_text)
-from .config import IllavaConfig
+from ..config import IllavaConfig
 from .default_model import EXAMPLE_QUESTION, SUGGESTED_SETTINGS
 
 

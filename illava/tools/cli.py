@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import api
-from .config import IllavaConfig
+from .. import api
+from ..config import IllavaConfig
 from .measure import PeakMemory
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -362,7 +362,7 @@ def infer(model, processor, visual: Visual, question: str, config: IllavaConfig,
         results["illava"] = run_once(model, processor, inputs, max_new_tokens, device)
         written = []
         if config.illava_track_vit_source or config.illava_track_llm_source:
-            from .visualize import write_heatmaps
+            from ..visualize import write_heatmaps
 
             written = write_heatmaps(model, processor, inputs, api.last_trace(model), output_dir)
     finally:

@@ -1,10 +1,10 @@
 """Efficiency benchmark: visual tokens, analytic FLOPs, vision / prefill / decode time, throughput and peak memory of
 baseline vs iLLaVA settings, measured side by side in one process (interleaved, with warm-up and repeats).
 
-    python -m illava.bench --geometry llava-ov-7b-cpu            # reduced width, runs on a CPU in minutes
-    python -m illava.bench --geometry llava-ov-7b --device cuda --dtype bfloat16 --attn sdpa
-    python -m illava.bench --geometry qwen3-vl-8b-cpu            # Qwen3-VL-8B's depths, 1/8 of its width
-    python -m illava.bench --geometry llava-ov-7b-cpu --video-frames 8,16,32 --memory-budget-gib 4
+    python -m illava.tools.bench --geometry llava-ov-7b-cpu            # reduced width, runs on a CPU in minutes
+    python -m illava.tools.bench --geometry llava-ov-7b --device cuda --dtype bfloat16 --attn sdpa
+    python -m illava.tools.bench --geometry qwen3-vl-8b-cpu            # Qwen3-VL-8B's depths, 1/8 of its width
+    python -m illava.tools.bench --geometry llava-ov-7b-cpu --video-frames 8,16,32 --memory-budget-gib 4
 
 Random weights of the real shapes (or a checkpoint with `--model_path`): timings and memory are real, answers are
 not. Each merged figure is given as a ratio to the baseline and as a fraction of the FLOPs-predicted speed-up, the
@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import api, merge
+from .. import api, merge
 from .cli import ATTN_IMPLEMENTATIONS, CliError, check_device_and_attention
-from .config import IllavaConfig
+from ..config import IllavaConfig
 from .measure import PeakMemory
-from .patches import decoder, packed
+from ..patches import decoder, packed
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ def _unmerged_vision_groups(model, inputs) -> tuple[int, int]:
 
 
 def _llava_crops(model, inputs) -> list[int]:
-    from .compat import image_size_to_num_patches
+    from ..compat import image_size_to_num_patches
 
     return [
         image_size_to_num_patches(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and argv is None:
         # large CPU tensors through mmap, returned to the OS when freed: the sampled peak RSS then tracks live memory
         os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        os.execv(sys.executable, [sys.executable, "-m", "illava.bench", *sys.argv[1:]])
+        os.execv(sys.executable, [sys.executable, "-m", "illava.tools.bench", *sys.argv[1:]])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype = getattr(torch, args.dtype)
     model, processor, family = build_model(args.geometry, args.device, dtype, args.attn)

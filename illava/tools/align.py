@@ -1,6 +1,6 @@
-"""`python -m illava.models.align`: check a packing encoder against its transformers model on one checkpoint.
+"""`python -m illava.tools.align`: check a packing encoder against its transformers model on one checkpoint.
 
-    python -m illava.models.align --model dinov3 --ckpt /path/to/dinov3-vitb16 --image_size 224 336x448
+    python -m illava.tools.align --model dinov3 --ckpt /path/to/dinov3-vitb16 --image_size 224 336x448
 
 `--batch_size` images of every `--image_size` (a side, or HxW) go into ONE call of the packing encoder
 (`illava.models.packing_encoders`); each image also goes alone through the transformers model. Every patch token of
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .packing_encoders import (
+from ..models.packing_encoders import (
     AIMv2Packing,
     DINOv3ViTPacking,
     PackingEncoder,
@@ -52,7 +52,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m illava.models.align", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m illava.tools.align", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=sorted(ENCODERS))
     parser.add_argument("--ckpt", required=True, help="checkpoint of the transformers model (local directory)")
     parser.add_argument("--device", default="cpu")

@@ -18,7 +18,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "assets" / "tiny_ov_scenes"
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny_ov_scenes"
 
 # A question the default model answers and iLLaVA settings that fit its 6 vision and 4 decoder layers: 196 ->
 # 106 tokens per crop in the vision tower, half of the visual tokens dropped after decoder layer 2.
