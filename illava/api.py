@@ -11,7 +11,7 @@ from typing import Any
 
 from . import compat
 from .config import IllavaConfig
-from .patches import find_family
+from .registry import find_family
 from .state import STATE_ATTRIBUTE, IllavaState
 from .trace import IllavaTrace
 
@@ -67,7 +67,7 @@ PROCESSOR_OWNER_ATTRIBUTE = "_illava_patched_for"
 def _claim_processor(state: IllavaState, family, model, processor) -> None:
     """One processor serves one patched model (its placeholder counts follow that model's settings), is saved
     as it was before `apply`, and must be the kind of processor the model uses."""
-    expected = getattr(family, "PROCESSOR_CLASS_NAMES", None)
+    expected = family.processor_class_names
     if expected is None:  # the family leaves processors alone
         return
     if type(processor).__name__ not in expected:

@@ -203,6 +203,13 @@ def initial_sources(num_groups: int, num_tokens: int, device: torch.device | str
     return torch.arange(num_tokens, device=device).repeat(num_groups, 1)
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, rotating the two halves of the last dimension (the Llama / Qwen convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
 def attention_received(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -9,6 +9,8 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from .config import IllavaConfig
 from .trace import IllavaTrace
 
@@ -29,6 +31,7 @@ class IllavaState:
         self.processor: Any = None  # the processor passed to apply, if any
         self.language_merger: Any = None  # the LLM stage, when on
         self._hooks: list[Any] = []
+        self._forwards: list[tuple[Any, Any, Any]] = []  # (module, the installed forward, what it replaced)
         self._attributes: list[tuple[Any, str, Any]] = []
 
     @property
@@ -57,8 +60,8 @@ class IllavaState:
                 depth.value -= 1
                 self.lock.release()
 
-        self.add_hook(module.register_forward_pre_hook(enter, prepend=True))
-        self.add_hook(module.register_forward_hook(leave, always_call=True))
+        self.before_forward(module, enter, prepend=True)
+        self.after_forward(module, leave, always_call=True)
         if hasattr(module, "generate"):
             def generate(unused_module, original, *args, **kwargs):
                 with self.lock:
@@ -66,10 +69,41 @@ class IllavaState:
 
             self.override_method(module, "generate", generate)
 
+    def before_forward(self, module: Any, hook: Callable, *, with_kwargs: bool = False, prepend: bool = False) -> None:
+        """`module.register_forward_pre_hook`, run eagerly (see `_eager`), removed by `undo`."""
+        self._hooks.append(module.register_forward_pre_hook(_eager(hook), with_kwargs=with_kwargs, prepend=prepend))
+
+    def after_forward(self, module: Any, hook: Callable, *, with_kwargs: bool = False, always_call: bool = False) -> None:
+        """`module.register_forward_hook`, run eagerly (see `_eager`), removed by `undo`."""
+        self._hooks.append(
+            module.register_forward_hook(_eager(hook), with_kwargs=with_kwargs, always_call=always_call)
+        )
+
+    def install_forward(self, module: Any, forward: Callable) -> None:
+        """Make `forward(module, *args, **kwargs)` what `module` computes, on this instance, beneath the wrappers
+        accelerate puts there (`device_map` over devices, CPU / disk offload: `_hf_hook` around `_old_forward`),
+        so their pre- and post-forward still run (inputs moved, offloaded weights loaded). It runs eagerly under
+        torch.compile (see `_eager`). `undo` finds it in either place, also when accelerate's hooks were added or
+        removed after `apply`."""
+        _refuse_hub_kernel_layer(module)
+        own = module.__dict__
+        if "_hf_hook" in own and "_old_forward" in own:
+            place = "_old_forward"
+        elif "forward" in own:
+            raise RuntimeError(
+                f"illava: this {type(module).__name__}'s forward is already replaced on the instance (by "
+                f"{getattr(own['forward'], '__qualname__', type(own['forward']).__name__)}); illava must replace it "
+                "to merge there: apply illava first and wrap after, or wrap with accelerate's add_hook_to_module, "
+                "which illava keeps"
+            )
+        else:
+            place = "forward"
+        installed = types.MethodType(_eager(forward), module)
+        self._forwards.append((module, installed, own.get(place, _MISSING)))
+        setattr(module, place, installed)
+
     def set_attribute(self, obj: Any, name: str, value: Any) -> None:
         """Set an instance attribute, remembering whether the instance had its own value before."""
-        if name == "forward":
-            _refuse_hub_kernel_layer(obj)
         self._attributes.append((obj, name, obj.__dict__.get(name, _MISSING)))
         setattr(obj, name, value)
 
@@ -100,16 +134,39 @@ class IllavaState:
             for name, value in current.items():
                 setattr(obj, name, value)
 
-    def add_hook(self, handle: Any) -> None:
-        self._hooks.append(handle)
-
     def undo(self) -> None:
         for handle in reversed(self._hooks):
             handle.remove()
+        for module, installed, previous in reversed(self._forwards):
+            _uninstall_forward(module, installed, previous)
         for obj, name, previous in reversed(self._attributes):
             _restore(obj, name, previous)
         self._hooks.clear()
+        self._forwards.clear()
         self._attributes.clear()
+
+
+def _eager(function: Callable) -> Callable:
+    """Run `function` as Python, outside any compiled graph: illava's hooks and merges hand state from one to the
+    next (the q/k a merge scores, the survivors later blocks re-slice for) and merge data-dependently; dynamo
+    does not carry such side effects across graph breaks on every torch release (torch 2.6 merged wrongly)."""
+    return torch.compiler.disable(function)
+
+
+def _uninstall_forward(module: Any, installed: Any, previous: Any) -> None:
+    own = module.__dict__
+    for place in ("forward", "_old_forward"):  # accelerate may have wrapped or unwrapped it since
+        if own.get(place) is not installed:
+            continue
+        bound_class_forward = (getattr(previous, "__func__", None) is type(module).forward
+                               and getattr(previous, "__self__", None) is module)
+        if place == "forward" and (previous is _MISSING or bound_class_forward):
+            del own[place]
+        elif previous is _MISSING:  # installed before accelerate wrapped it: accelerate's wrapper stays
+            setattr(module, place, types.MethodType(type(module).forward, module))
+        else:
+            setattr(module, place, previous)
+        return
 
 
 def _refuse_hub_kernel_layer(module: Any) -> None:

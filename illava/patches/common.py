@@ -66,8 +66,8 @@ def patch_encoding(state: IllavaState, model, inner, language_merger, call: Enco
                 language_merger.pending_spans.append(span)
         return image_mask, video_mask
 
-    state.add_hook(model.register_forward_pre_hook(mark_fresh_forward))
-    state.add_hook(model.register_forward_hook(mark_fresh_forward, always_call=True))
+    state.before_forward(model, mark_fresh_forward)
+    state.after_forward(model, mark_fresh_forward, always_call=True)
     state.override_method(inner, "get_image_features", get_image_features)
     state.override_method(inner, "get_video_features", get_video_features)
     state.override_method(inner, "get_placeholder_mask", get_placeholder_mask)

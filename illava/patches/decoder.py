@@ -69,12 +69,6 @@ class CachePlan:
         return chosen
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 def _gather_positions(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather the sequence dimension (last) of `[..., B or 1, L]` at `index [B, L']`."""
     batch = index.shape[0]
@@ -196,18 +190,18 @@ class LanguageModelMerger:
                 f"the language model uses {implementation!r}"
             )
         layers = language_model.layers
-        state.add_hook(language_model.register_forward_pre_hook(self._before_model, with_kwargs=True))
-        state.add_hook(language_model.register_forward_hook(self._after_model, with_kwargs=True, always_call=True))
+        state.before_forward(language_model, self._before_model, with_kwargs=True)
+        state.after_forward(language_model, self._after_model, with_kwargs=True, always_call=True)
         for index in range(min(self.merge_layers) - 1, len(layers)):
             layer = layers[index]
-            state.add_hook(layer.register_forward_pre_hook(self._before_layer(index), with_kwargs=True))
+            state.before_forward(layer, self._before_layer(index), with_kwargs=True)
             if index + 1 in self.merge_layers:
                 attention = layer.self_attn
                 # Qwen3 normalises every head of q and k before RoPE: the scores need the normalised heads
                 query_source = attention.q_norm if hasattr(attention, "q_norm") else attention.q_proj
                 key_source = attention.k_norm if hasattr(attention, "k_norm") else attention.k_proj
-                state.add_hook(query_source.register_forward_hook(self._capture_query))
-                state.add_hook(key_source.register_forward_hook(self._capture_key))
+                state.after_forward(query_source, self._capture_query)
+                state.after_forward(key_source, self._capture_key)
         if model is not None and hasattr(model, "generate"):
             self.follow_model(model)
 
@@ -227,7 +221,7 @@ class LanguageModelMerger:
         def remember_labels(module, args, kwargs):
             self.labels = kwargs.get("labels")
 
-        self.state.add_hook(model.register_forward_pre_hook(remember_labels, with_kwargs=True))
+        self.state.before_forward(model, remember_labels, with_kwargs=True)
 
         def generate(module, original, *args, **kwargs):
             prompt = kwargs.get("input_ids", args[0] if args else None)
@@ -354,9 +348,9 @@ class LanguageModelMerger:
         rows = torch.arange(batch, device=cos.device)
         last = capture["last"]
         query = capture["query"].float().view(batch, -1, head_dim)
-        query = _rotate(query, cos[rows, last][:, None], sin[rows, last][:, None])
+        query = merge.apply_rotary(query, cos[rows, last][:, None], sin[rows, last][:, None])
         key = capture["key"].float().view(batch, capture["key"].shape[1], -1, head_dim).transpose(1, 2)
-        key = _rotate(key, cos[:, None], sin[:, None])
+        key = merge.apply_rotary(key, cos[:, None], sin[:, None])
         return merge.last_query_attention(query, key, attention.scaling, capture["attendable"])
 
     def _merge(self, run: _Prefill, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -23,13 +23,12 @@ import torch
 from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 from ..compat import get_anyres_image_grid_shape, select_best_resolution, unpad_image
+from ..registry import Family, inner_of_generation_model
 from ..state import IllavaState
 from .common import EncoderCall, patch_encoding
 from .decoder import LanguageModelMerger
-from .siglip import patch_siglip_vision_model
+from .siglip import SiglipStage
 
-MODEL_CLASSES = (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)
-PROCESSOR_CLASS_NAMES = ("LlavaOnevisionProcessor",)
 
 
 def video_tokens_per_frame(tokens: int, stride: int = 2) -> int:
@@ -47,10 +46,6 @@ def pool_stride(inner) -> int:
     if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
         raise ValueError(f"mm_spatial_pool_stride={stride!r} must be a positive integer")
     return stride
-
-
-def _inner_model(model) -> LlavaOnevisionModel:
-    return model.model if isinstance(model, LlavaOnevisionForConditionalGeneration) else model
 
 
 def _validate(config, inner: LlavaOnevisionModel) -> int:
@@ -84,7 +79,7 @@ def _validate(config, inner: LlavaOnevisionModel) -> int:
 
 def apply(state: IllavaState, model, processor=None) -> None:
     config = state.config
-    inner = _inner_model(model)
+    inner = inner_of_generation_model(model)
     full_tokens = _validate(config, inner)
     stride = pool_stride(inner)
     if not (config.enable_illava_vit or config.enable_illava_llm or stride != 2):
@@ -101,7 +96,7 @@ def apply(state: IllavaState, model, processor=None) -> None:
 def _patch_vision(state: IllavaState, inner: LlavaOnevisionModel, full_tokens: int, stride: int,
                   call: EncoderCall) -> None:
     """Trace the tower; lay merged crops/frames out for the LLM; record where each survivor's feature lands."""
-    patch_siglip_vision_model(state, inner.vision_tower, lambda: call.modality)
+    SiglipStage(state, inner.vision_tower, lambda: call.modality)
 
     def pack_image_features(self, original, image_features, image_sizes, image_newline=None,
                             vision_aspect_ratio="anyres_max_9"):
@@ -296,3 +291,14 @@ def patch_processor(state: IllavaState, processor, full_tokens: int, merged_toke
     state.override_method(processor, "_get_number_of_features", number_of_features)
     state.override_method(processor, "replace_video_token", replace_video_token)
     state.override_method(processor, "_get_num_multimodal_tokens", num_multimodal_tokens)
+
+
+FAMILY = Family(
+    name="llava_onevision",
+    model_classes=(LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel),
+    apply=apply,
+    vision_tower=lambda model: inner_of_generation_model(model).vision_tower,
+    inner_model=inner_of_generation_model,
+    processor_class_names=("LlavaOnevisionProcessor",),
+    model_types=("llava_onevision",),
+)

@@ -16,18 +16,15 @@ counts 0 tokens at every step.
 
 from __future__ import annotations
 
-import types
 
 import torch
 
 from ..models.llava_vit import apply_rotary_pos_emb_vision, check_grid_thw
+from ..registry import Family
 from ..state import IllavaState
 from ..trace import VisionTrace
-from .packed import PackedRun, merge_packed
-
-MODEL_CLASSES = ()
-MODEL_CLASS_NAMES = ("LlavaViTPackingModel",)
-
+from .packed import merge_packed, resliced_rotary, start_packed
+from .vision_stage import VisionStage
 
 def apply(state: IllavaState, model, processor=None) -> None:
     config = state.config
@@ -37,57 +34,45 @@ def apply(state: IllavaState, model, processor=None) -> None:
         raise ValueError("illava: LlavaViTPackingModel is a vision encoder; enable_illava_llm does not apply to it")
     if not config.enable_illava_vit:
         return
-    EncoderMerger(state, model)
+    LlavaViTStage(state, model)
 
 
-class EncoderMerger:
+class LlavaViTStage(VisionStage):
+    """Each `grid_thw` row with patches is a packed segment, merged token by token."""
+
     def __init__(self, state: IllavaState, model):
-        self.state = state
-        self.config = state.config
-        self.model = model
-        self.run: PackedRun | None = None
-        self.grid_thw: torch.Tensor | None = None
+        super().__init__(state, model, model.encoder.layers, state.config.illava_vit_k)
+        state.before_forward(model.encoder.layers[self.merge_layers[0]], self._remember_rotary, with_kwargs=True)
+        if getattr(model, "head", None) is not None:
+            state.after_forward(model.encoder, self._lay_out_on_original_segments)
+            state.before_forward(model.head, self._survivors_of_segment)
         self.merged_rows: torch.Tensor | None = None  # [S] grid_thw row of each merged segment (rows with patches)
         self.head_calls = 0
         self.laid_out_rows: torch.Tensor | None = None
         self.kept_per_row: list[int] = []
-        merge_layers = self.config.illava_vit_k
-        layers = model.encoder.layers
-        state.add_hook(model.register_forward_pre_hook(self._start, with_kwargs=True))
-        state.add_hook(model.register_forward_hook(self._finish, always_call=True))
-        state.add_hook(layers[merge_layers[0]].register_forward_pre_hook(self._remember_rotary, with_kwargs=True))
-        for index in range(merge_layers[0] + 1, len(layers)):
-            state.add_hook(layers[index].register_forward_pre_hook(self._reslice, with_kwargs=True))
-        for index in merge_layers:
-            layer = layers[index]
-            slot: dict = {}
-            state.add_hook(layer.self_attn.qkv.register_forward_hook(lambda module, args, out, slot=slot: slot.update(qkv=out)))
-            state.set_attribute(layer, "forward", types.MethodType(self._merging_forward(slot), layer))
-        if getattr(model, "head", None) is not None:
-            state.add_hook(model.encoder.register_forward_hook(self._lay_out_on_original_segments))
-            state.add_hook(model.head.register_forward_pre_hook(self._survivors_of_segment))
 
-    def _start(self, module, args, kwargs):
+    def start(self, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         grid_thw = args[1] if len(args) > 1 else kwargs["grid_thw"]
         check_grid_thw(grid_thw, hidden.shape[0], allow_empty_rows=True)  # this hook runs before the model's check
-        self.grid_thw = grid_thw.to(hidden.device, torch.long)
-        lengths = self.grid_thw.prod(dim=-1)
+        grid_thw = grid_thw.to(hidden.device, torch.long)
+        lengths = grid_thw.prod(dim=-1)
         self.merged_rows = (lengths > 0).nonzero().flatten()  # an empty segment has nothing to merge
-        grid = self.grid_thw[self.merged_rows]
+        grid = grid_thw[self.merged_rows]
         cu_seqlens = torch.nn.functional.pad(lengths[self.merged_rows].cumsum(0), (1, 0)).to(torch.int32)
         grids = torch.stack((grid[:, 0] * grid[:, 1], grid[:, 2]), dim=1)  # frames stacked vertically
-        self.run = PackedRun.start(cu_seqlens, grids, 1, self.config.illava_track_vit_source)
         self.head_calls = 0
         self.laid_out_rows = None
         self.kept_per_row = []
         self.state.trace.clear()
+        return start_packed(cu_seqlens, grids, 1, self.config.illava_track_vit_source, grid_thw=grid_thw)
 
-    def _merging_forward(self, slot: dict):
-        """`LlavaViTEncoderLayer.forward` (pre-LN) with the merge between the attention residual and the MLP; eager
-        under torch.compile, like the other merging layers (`qwen2_vl.PackedVision._merging_forward`)."""
+    def capture(self, layer):
+        return self.capture_outputs(qkv=layer.self_attn.qkv)
 
-        @torch.compiler.disable
+    def layer_forward(self, slot: dict):
+        """`LlavaViTEncoderLayer.forward` (pre-LN) with the merge between the attention residual and the MLP."""
+
         def forward(layer, hidden_states, cu_seqlens, position_embeddings):
             hidden_states = hidden_states + layer.self_attn(
                 layer.layer_norm1(hidden_states), cu_seqlens=cu_seqlens, position_embeddings=position_embeddings
@@ -105,25 +90,22 @@ class EncoderMerger:
 
         def describe(segment):
             row = int(self.merged_rows[segment])
-            t, h, w = (int(v) for v in self.grid_thw[row])
+            t, h, w = (int(v) for v in run.grid_thw[row])
             return f"segment {row} (t, h, w = {t}, {h}, {w})"
 
         return merge_packed(
             run, hidden_states, query, key, attention.scale, 1, self.config.vit_tokens_removed, describe,
-            setting=f"illava_vit_r={self.config.illava_vit_r}", options=self.config.merge_options("vit"),
+            setting=self.describe_setting(), options=self.config.merge_options("vit"),
         )
 
     def _remember_rotary(self, module, args, kwargs):
         if self.run is not None:
             self.run.rotary = kwargs["position_embeddings"]
 
-    def _reslice(self, module, args, kwargs):
+    def reslice(self, index, args, kwargs):
         run = self.run
-        if run is None or len(run.counts) == 1:
-            return None
         if run.sliced is None:
-            cos, sin = run.rotary
-            run.sliced = {"cu_seqlens": run.cu_seqlens, "position_embeddings": (cos[run.origin], sin[run.origin])}
+            run.sliced = {"cu_seqlens": run.cu_seqlens, "position_embeddings": resliced_rotary(run)}
         kwargs.update(run.sliced)
         return args, kwargs
 
@@ -131,7 +113,7 @@ class EncoderMerger:
         """Survivors of segment i at the start of its original range, zeros after (see the module docstring)."""
         run = self.run
         hidden = output[0] if isinstance(output, tuple) else output
-        original = torch.nn.functional.pad(self.grid_thw.prod(dim=-1).cumsum(0), (1, 0))
+        original = torch.nn.functional.pad(run.grid_thw.prod(dim=-1).cumsum(0), (1, 0))
         lengths = (run.cu_seqlens[1:] - run.cu_seqlens[:-1]).long()
         segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=hidden.device), lengths)
         rank = torch.arange(hidden.shape[0], device=hidden.device) - run.cu_seqlens[:-1].long()[segment]
@@ -148,17 +130,14 @@ class EncoderMerger:
         self.head_calls += 1
         return (args[0][:, :kept],)
 
-    def _finish(self, module, args, output):
-        run, self.run = self.run, None
-        if run is None or output is None:
-            return output
+    def finish(self, run, output):
         if self.laid_out_rows is not None:
             if isinstance(output, tuple):
                 output = (output[0][self.laid_out_rows], *output[1:])
             else:
                 output.last_hidden_state = output.last_hidden_state[self.laid_out_rows]
         segment_of_row = {row: segment for segment, row in enumerate(self.merged_rows.tolist())}
-        for row, (t, h, w) in enumerate(self.grid_thw.tolist()):
+        for row, (t, h, w) in enumerate(run.grid_thw.tolist()):
             rows, cols = t * h, w  # frames stacked vertically
             segment = segment_of_row.get(row)
             counts = [0 if segment is None else int(step[segment]) for step in run.counts]
@@ -168,7 +147,7 @@ class EncoderMerger:
                 VisionTrace(
                     modality="vision",
                     grid=(rows, cols),
-                    merge_layers=self.config.illava_vit_k,
+                    merge_layers=self.merge_layers,
                     tokens_per_group=counts,
                     positions=run.positions[table_row : table_row + 1, : counts[-1]],
                     sources=None if run.sources is None else run.sources[table_row : table_row + 1, : rows * cols],
@@ -177,3 +156,6 @@ class EncoderMerger:
                 )
             )
         return output
+
+FAMILY = Family(name="llava_vit", model_classes=(), model_class_names=("LlavaViTPackingModel",), apply=apply,
+                vision_tower=lambda model: model)

@@ -25,12 +25,11 @@ import torch
 
 from .. import merge
 from ..models.packing_encoders import AIMv2Packing, DINOv3ViTPacking, PackedSegments, Siglip2NaflexPacking
+from ..registry import Family
 from ..state import IllavaState
 from ..trace import VisionTrace
-from .packed import attention_mass, removals
-
-MODEL_CLASSES = (AIMv2Packing, DINOv3ViTPacking, Siglip2NaflexPacking)
-
+from .packed import attention_mass
+from .vision_stage import removals
 
 def apply(state: IllavaState, model, processor=None) -> None:
     config = state.config
@@ -63,15 +62,19 @@ class PackedEncoderMerger:
         merge_layers = frozenset(self.config.illava_vit_k)
         unmerged_layer = model.encoder_layer
 
-        def encoder_layer(encoder, index, hidden, segments):
-            if index not in merge_layers:
-                return unmerged_layer(index, hidden, segments)
+        @torch.compiler.disable  # like every merging forward (`IllavaState.install_forward`)
+        def merging_layer(encoder, index, hidden, segments):
             layer = encoder.layers[index]
             hidden, query, key = encoder.attention_residual(layer, hidden, segments)
             return encoder.mlp_residual(layer, self._merge(hidden, query, key, segments))
 
-        state.add_hook(model.register_forward_pre_hook(self._start))
-        state.add_hook(model.register_forward_hook(self._finish, always_call=True))
+        def encoder_layer(encoder, index, hidden, segments):
+            if index not in merge_layers:
+                return unmerged_layer(index, hidden, segments)
+            return merging_layer(encoder, index, hidden, segments)
+
+        state.before_forward(model, self._start)
+        state.after_forward(model, self._finish, always_call=True)
         state.set_attribute(model, "encoder_layer", types.MethodType(encoder_layer, model))
 
     def _start(self, module, args):
@@ -162,3 +165,7 @@ class PackedEncoderMerger:
             patch_start += t * h * w
             frame += t
         return output
+
+
+FAMILY = Family(name="packing_encoders", model_classes=(AIMv2Packing, DINOv3ViTPacking, Siglip2NaflexPacking),
+                apply=apply, vision_tower=lambda model: model)

@@ -36,21 +36,16 @@ from transformers import (
     Qwen3VLMoeModel,
 )
 
+from ..registry import Family, inner_of_generation_model
 from ..state import IllavaState
 from .common import EncoderCall, patch_encoding
 from .decoder import LanguageModelMerger
-from .qwen2_vl import PackedVision, inner_model, patch_features, patch_positions
-
-MODEL_CLASSES = (
-    Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeModel,
-    Qwen3_5ForConditionalGeneration, Qwen3_5Model, Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeModel,
-)
-PROCESSOR_CLASS_NAMES = ("Qwen3VLProcessor",)
+from .qwen_vision import QwenVisionStage, patch_features, patch_positions
 
 
 def apply(state: IllavaState, model, processor=None) -> None:
     config = state.config
-    inner = inner_model(model)
+    inner = inner_of_generation_model(model)
     visual = inner.visual
     config.validate_vit(len(visual.blocks))  # windows per image vary; each segment is checked when merged
     config.validate_llm(inner.config.text_config.num_hidden_layers)
@@ -71,7 +66,7 @@ def apply(state: IllavaState, model, processor=None) -> None:
         if hasattr(inner.config.text_config, "num_experts"):
             _refuse_router_logits(state, model)
     call = EncoderCall()
-    vision = PackedVision(state, visual, call)
+    vision = QwenVisionStage(state, visual, call)
     if config.enable_illava_vit:
         patch_features(state, inner, vision)
         patch_positions(state, inner, vision, videos_per_slice=True)
@@ -115,7 +110,7 @@ def _inject_deepstack_at_kept_positions(state: IllavaState, language_model, merg
 def _refuse_router_logits(state: IllavaState, model) -> None:
     """The MoE load-balancing loss pairs every layer's router logits with one full-length attention mask; layers
     after an LLM merge route fewer tokens."""
-    text_config = inner_model(model).config.text_config
+    text_config = inner_of_generation_model(model).config.text_config
 
     def check(module, args, kwargs):
         if kwargs.get("output_router_logits", getattr(text_config, "output_router_logits", False)):
@@ -124,10 +119,10 @@ def _refuse_router_logits(state: IllavaState, model) -> None:
                 "merging, whose merged layers route fewer tokens; turn one of them off"
             )
 
-    state.add_hook(model.register_forward_pre_hook(check, with_kwargs=True))
+    state.before_forward(model, check, with_kwargs=True)
 
 
-def patch_processor(state: IllavaState, processor, vision: PackedVision) -> None:
+def patch_processor(state: IllavaState, processor, vision: QwenVisionStage) -> None:
     """Make a `Qwen3VLProcessor` instance emit one placeholder per surviving window: per image, and per temporal
     slice of a video (its timestamps and vision start/end tokens unchanged)."""
 
@@ -143,3 +138,18 @@ def patch_processor(state: IllavaState, processor, vision: PackedVision) -> None
 
     state.override_method(processor, "replace_image_token", replace_image_token)
     state.override_method(processor, "replace_video_token", replace_video_token)
+
+
+FAMILY = Family(
+    name="qwen3_vl",
+    model_classes=(
+        Qwen3VLForConditionalGeneration, Qwen3VLModel, Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeModel,
+        Qwen3_5ForConditionalGeneration, Qwen3_5Model, Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeModel,
+    ),
+    apply=apply,
+    vision_tower=lambda model: inner_of_generation_model(model).visual,
+    inner_model=inner_of_generation_model,
+    processor_class_names=("Qwen3VLProcessor",),
+    model_types=("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"),
+    timestamped_videos=True,
+)

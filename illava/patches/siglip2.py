@@ -12,133 +12,104 @@ uses the same mask. In `last_hidden_state`, image b's survivors are rows `[0, n_
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 from transformers import Siglip2Model, Siglip2VisionModel
 from .. import merge
 from ..compat import create_bidirectional_mask
+from ..registry import Family
 from ..state import IllavaState
 from ..trace import VisionTrace
-from .packed import removals
-from .siglip import capture_query_key, captured_query_key, merging_layer_forward
+from .siglip import captured_query_key, merging_layer_forward
+from .vision_stage import VisionRun, VisionStage, compact_rows, merge_groups
 
-MODEL_CLASSES = (Siglip2VisionModel, Siglip2Model)
+def _vision_model(model) -> Siglip2VisionModel:
+    return model.vision_model if isinstance(model, Siglip2Model) else model
 
 
 def apply(state: IllavaState, model, processor=None) -> None:
     config = state.config
-    vision = model.vision_model if isinstance(model, Siglip2Model) else model
+    vision = _vision_model(model)
     config.validate_vit(len(vision.encoder.layers))  # image sizes vary; each image is checked when merged
     if config.enable_illava_llm:
         raise ValueError(f"illava: {type(model).__name__} has no language model; enable_illava_llm does not apply")
     if config.enable_illava_vit:
-        NaflexMerger(state, vision)
+        NaflexStage(state, vision)
 
 
-class NaflexMerger:
+class NaflexStage(VisionStage):
+    """Each image of the padded batch is a group; survivors move to the front of their row."""
+
     def __init__(self, state: IllavaState, vision: Siglip2VisionModel):
-        self.state = state
-        self.config = state.config
-        self.vision = vision
-        self.valid: torch.Tensor | None = None  # [B, L] current padding mask
-        self.positions: torch.Tensor | None = None  # [B, L] original raster index of each token, -1 padding
-        self.sources: torch.Tensor | None = None
-        self.counts: list[torch.Tensor] = []
-        self.source_history: list[torch.Tensor] = []
-        self.spatial_shapes: torch.Tensor | None = None
-        self.mask_for_layers = None
-        self.merged = False  # whether this call has shortened the sequence yet
-        layers = vision.encoder.layers
-        merge_layers = self.config.illava_vit_k
-        state.add_hook(vision.register_forward_pre_hook(self._start, with_kwargs=True))
-        state.add_hook(vision.register_forward_hook(self._finish, always_call=True))
-        for index in range(merge_layers[0] + 1, len(layers)):
-            state.add_hook(layers[index].register_forward_pre_hook(self._use_current_mask))
-        for index in merge_layers:
-            layer = layers[index]
-            step = functools.partial(self._merge, capture_query_key(state, layer))
-            state.set_attribute(layer, "forward", types.MethodType(merging_layer_forward(step), layer))
+        super().__init__(state, vision, vision.encoder.layers, state.config.illava_vit_k)
         if vision.use_head:
-            state.add_hook(vision.head.register_forward_pre_hook(self._head_mask))
+            state.before_forward(vision.head, self._head_mask)
 
-    def _start(self, module, args, kwargs):
+    def start(self, args, kwargs):
         names = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
         values = dict(zip(names, args), **{name: kwargs[name] for name in names if name in kwargs})
-        self.valid = values["pixel_attention_mask"].bool()
-        self.spatial_shapes = values["spatial_shapes"]
-        self.positions = torch.where(self.valid, torch.arange(self.valid.shape[1], device=self.valid.device), -1)
-        self.sources = self.positions.clamp(min=0) if self.config.illava_track_vit_source else None
-        self.counts = [self.valid.sum(dim=1)]
-        self.source_history = []
-        self.mask_for_layers = None
-        self.merged = False
+        valid = values["pixel_attention_mask"].bool()
         self.state.trace.clear()
+        # an image's valid patches come first in its row: its units are the first `valid.sum()` slots
+        return VisionRun.start(values["spatial_shapes"], self.config.illava_track_vit_source,
+                               units=valid.sum(dim=1), valid=valid)
+
+    def capture(self, layer):
+        return self.capture_outputs(q=layer.self_attn.q_proj, k=layer.self_attn.k_proj)
+
+    def layer_forward(self, slot):
+        return merging_layer_forward(functools.partial(self._merge, slot))
 
     def _merge(self, slot: dict, layer, hidden_states, attention_mask):
+        run = self.run
         batch, tokens, dim = hidden_states.shape
         query, key = captured_query_key(layer, slot, batch, tokens)
-        counts = self.counts[-1]
 
         def describe(image):
-            height, width = (int(v) for v in self.spatial_shapes[image])
+            height, width = (int(v) for v in run.grids[image])
             return f"image {image} ({height}x{width} patches)"
 
-        removed = removals(counts, self.config.vit_tokens_removed, describe, f"illava_vit_r={self.config.illava_vit_r}")
-        if int(removed.max()) == 0:
-            self.counts.append(counts)
-            if self.sources is not None:
-                self.source_history.append(self.sources)
-            return hidden_states
-        scores = merge.attention_received(query, key, layer.self_attn.scale, valid=self.valid)
-        plan = merge.plan_merge(scores, removed, valid=self.valid, x=hidden_states, **self.config.merge_options("vit"))
-        merged = merge.apply_merge(hidden_states, plan)
-        kept = plan.keep.sum(dim=1)
-        length = int(kept.max())
-        rows, old_slot = plan.keep.nonzero(as_tuple=True)
-        new_slot = (plan.keep.long().cumsum(dim=1) - 1)[rows, old_slot]
-        compacted = hidden_states.new_zeros(batch, length, dim)
-        compacted[rows, new_slot] = merged[rows, old_slot]
-        positions = torch.full((batch, length), -1, dtype=torch.long, device=hidden_states.device)
-        positions[rows, new_slot] = self.positions[rows, old_slot]
-        if self.sources is not None:
-            self.sources = merge.update_sources(self.sources, plan)
-            self.source_history.append(self.sources)
-        self.positions = positions
-        self.valid = positions >= 0
-        self.counts.append(kept)
-        self.mask_for_layers = create_bidirectional_mask(
-            config=self.vision.config, inputs_embeds=compacted, attention_mask=self.valid.long()
+        removed = run.removals(self.config.vit_tokens_removed, describe, self.describe_setting())
+        valid = run.valid
+        merged, plan = merge_groups(
+            run, hidden_states, lambda: merge.attention_received(query, key, layer.self_attn.scale, valid=valid),
+            removed, self.config.merge_options("vit"), valid=valid,
         )
-        self.merged = True
+        if plan is None:
+            return hidden_states
+        compacted = compact_rows(merged, plan.keep, fill=0)
+        run.valid = run.positions >= 0
+        run.attention_mask = create_bidirectional_mask(
+            config=self.encoder.config, inputs_embeds=compacted, attention_mask=run.valid.long()
+        )
         return compacted
 
-    def _use_current_mask(self, module, args):
-        if not self.merged:
-            return None
-        return (args[0], self.mask_for_layers, *args[2:])
+    def reslice(self, index, args, kwargs):
+        if len(args) > 1:
+            return (args[0], self.run.attention_mask, *args[2:]), kwargs
+        return args, dict(kwargs, attention_mask=self.run.attention_mask)
 
     def _head_mask(self, module, args):
-        if not self.merged:
+        if self.run is None or not self.run.merged:
             return None
-        return (args[0], self.valid.long())
+        return (args[0], self.run.valid.long())
 
-    def _finish(self, module, args, output):
-        if self.valid is None:
-            return output
-        for image, (height, width) in enumerate(self.spatial_shapes.tolist()):
-            final = int(self.counts[-1][image])
+    def finish(self, run, output):
+        for image, (height, width) in enumerate(run.grids.tolist()):
+            final = int(run.counts[-1][image])
             self.state.trace.vision.append(
                 VisionTrace(
                     modality="image",
                     grid=(height, width),
-                    merge_layers=self.config.illava_vit_k,
-                    tokens_per_group=[int(step[image]) for step in self.counts],
-                    positions=self.positions[image : image + 1, :final],
-                    sources=None if self.sources is None else self.sources[image : image + 1, : height * width],
-                    source_history=[step[image : image + 1, : height * width] for step in self.source_history],
+                    merge_layers=self.merge_layers,
+                    tokens_per_group=[int(step[image]) for step in run.counts],
+                    positions=run.positions[image : image + 1, :final],
+                    sources=None if run.sources is None else run.sources[image : image + 1, : height * width],
+                    source_history=[step[image : image + 1, : height * width] for step in run.source_history],
                     groups_per_item=[1],
                 )
             )
-        self.valid = None
         return output
+
+FAMILY = Family(name="siglip2", model_classes=(Siglip2VisionModel, Siglip2Model), apply=apply,
+                vision_tower=_vision_model)

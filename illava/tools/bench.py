@@ -32,6 +32,7 @@ import torch
 from .. import api, merge
 from .cli import ATTN_IMPLEMENTATIONS, CliError, check_device_and_attention
 from ..config import IllavaConfig
+from ..registry import find_family
 from .measure import PeakMemory
 from ..patches import decoder, packed
 
@@ -302,7 +303,7 @@ def measure_once(model, processor, family, build_inputs, config: IllavaConfig | 
 
             return start, stop
 
-        tower = getattr(model.model, "vision_tower", None) or model.model.visual
+        tower = find_family(model).vision_tower(model)
         handles = []
         for module, name in ((tower, "vision"), (model, "forward")):
             start, stop = timer(name)

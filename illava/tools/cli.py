@@ -20,13 +20,12 @@ import torch
 
 from .. import api
 from ..config import IllavaConfig
+from ..registry import families, family_of_model_type, find_family
 from .measure import PeakMemory
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 # processors that stamp each frame with its time (`<t seconds>`), from the frames' indices and the video's fps
-TIMESTAMPED_VIDEO_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", *TIMESTAMPED_VIDEO_MODEL_TYPES)
 DEFAULT_FPS = 24.0  # when the container does not say
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 logger = logging.getLogger(__name__)
@@ -174,8 +173,9 @@ def load_model(args) -> tuple[torch.nn.Module, object, str]:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise CliError(f"--model_path {args.model_path!r} holds no loadable transformers config: {error}") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise CliError(f"model type {config.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+    if family_of_model_type(config.model_type) is None:
+        supported = [model_type for family in families() for model_type in family.model_types]
+        raise CliError(f"model type {config.model_type!r} is not supported; supported: {supported}")
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype, attn_implementation=args.attn_implementation, local_files_only=True
     ).to(args.device).eval()
@@ -190,7 +190,7 @@ def build_inputs(model, processor, visual: Visual, question: str, device: str, d
     media = {"videos": visual.items} if kind == "video" else {"images": [visual.items]}
     if model.config.model_type != "llava_onevision" and kind == "image":
         media = {"images": visual.items}
-    if kind == "video" and model.config.model_type in TIMESTAMPED_VIDEO_MODEL_TYPES:
+    if kind == "video" and find_family(model).timestamped_videos:
         from transformers.video_utils import VideoMetadata
 
         timing = visual.timing
@@ -216,11 +216,6 @@ class RunResult:
     report: list[str]
 
 
-def _vision_tower(model):
-    inner = model.model
-    return getattr(inner, "vision_tower", None) or inner.visual
-
-
 def run_once(model, processor, inputs, max_new_tokens: int, device: str) -> RunResult:
     """Greedy generation, timed: vision encoder, prefill (first LLM forward), decode (the rest)."""
     spans = {"vision": [], "forward": []}  # (start, end) of every vision-encoder call and model forward
@@ -235,7 +230,7 @@ def run_once(model, processor, inputs, max_new_tokens: int, device: str) -> RunR
 
         return start, stop
 
-    tower = _vision_tower(model)
+    tower = find_family(model).vision_tower(model)
     handles = []
     for module, name in ((tower, "vision"), (model, "forward")):
         start, stop = timer(name)
