@@ -42,7 +42,7 @@ class LlavaViTStage(VisionStage):
 
     def __init__(self, state: IllavaState, model):
         super().__init__(state, model, model.encoder.layers, state.config.illava_vit_k)
-        state.before_forward(model.encoder.layers[self.merge_layers[0]], self._remember_rotary, with_kwargs=True)
+        state.before_forward(model.encoder.layers[self.merge_layers[0]], self.remember_rotary, with_kwargs=True)
         if getattr(model, "head", None) is not None:
             state.after_forward(model.encoder, self._lay_out_on_original_segments)
             state.before_forward(model.head, self._survivors_of_segment)
@@ -97,10 +97,6 @@ class LlavaViTStage(VisionStage):
             run, hidden_states, query, key, attention.scale, 1, self.config.vit_tokens_removed, describe,
             setting=self.describe_setting(), options=self.config.merge_options("vit"),
         )
-
-    def _remember_rotary(self, module, args, kwargs):
-        if self.run is not None:
-            self.run.rotary = kwargs["position_embeddings"]
 
     def reslice(self, index, args, kwargs):
         run = self.run

@@ -52,7 +52,7 @@ class QwenVisionStage(VisionStage):
             state.after_forward(visual.merger, self._expand)
             for deepstack_merger in getattr(visual, "deepstack_merger_list", ()):  # Qwen3-VL
                 state.after_forward(deepstack_merger, self._follow)
-            state.before_forward(visual.blocks[self.merge_layers[0]], self._remember_rotary, with_kwargs=True)
+            state.before_forward(visual.blocks[self.merge_layers[0]], self.remember_rotary, with_kwargs=True)
 
     # -- window arithmetic shared with the processor side ---------------------------------------------------
 
@@ -192,10 +192,6 @@ class QwenVisionStage(VisionStage):
             setting=self.describe_setting(), options=self.config.merge_options("vit"),
             attention_cu_seqlens=attention_cu_seqlens,
         )
-
-    def _remember_rotary(self, module, args, kwargs):
-        if self.run is not None:
-            self.run.rotary = kwargs["position_embeddings"]
 
     def reslice(self, index, args, kwargs):
         run = self.run

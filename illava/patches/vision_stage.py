@@ -177,6 +177,11 @@ class VisionStage:
             self.state.after_forward(module, lambda unused, args, output, name=name: slot.__setitem__(name, output))
         return slot
 
+    def remember_rotary(self, module, args, kwargs):
+        """A pre-hook for the first merge layer of an encoder with per-token rotary tables: keep them unmerged."""
+        if self.run is not None:
+            self.run.rotary = kwargs["position_embeddings"]
+
     def describe_setting(self) -> str:
         return f"illava_vit_r={self.config.illava_vit_r}"
 
