@@ -32,7 +32,7 @@ COMPILE_SUPPORTED = True
 @pytest.mark.skipif(not COMPILE_SUPPORTED, reason="torch.compile of a patched model is supported from torch 2.14")
 @pytest.mark.parametrize("family, how", sorted(COMPILE_WAYS.items()))
 def test_a_compiled_patched_model_merges_as_the_eager_one(family, how):
-    model, processor, call, settings = FAMILIES[family]()
+    model, processor, call, settings, *_ = FAMILIES[family]()
     unpatched = call(model, 1)
     illava.apply(model, processor=processor, **settings)
     merged = call(model, 1)
