@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from illava.tools.tiny_models import tiny_llava_onevision
+from illava.tools import tiny_models
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
@@ -29,17 +29,49 @@ def write_mp4(path, frames: int, fps: int, height: int = 48, width: int = 64):
     return path
 
 
+def left_padded(built):
+    """`(model, processor)` with the processor's tokenizer padding on the left, as batched generation needs (the
+    one place tests set it)."""
+    model, processor = built
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def tiny_ov(**options):
+    """`illava.tools.tiny_models.tiny_llava_onevision`, padding on the left."""
+    return left_padded(tiny_models.tiny_llava_onevision(**options))
+
+
+def tiny_qwen2(**options):
+    """`illava.tools.tiny_models.tiny_qwen2_vl` (Qwen2-VL / Qwen2.5-VL), padding on the left."""
+    return left_padded(tiny_models.tiny_qwen2_vl(**options))
+
+
+def tiny_qwen3(**options):
+    """`illava.tools.tiny_models.tiny_qwen3_vl` (Qwen3-VL / -MoE / Qwen3.5), padding on the left."""
+    return left_padded(tiny_models.tiny_qwen3_vl(**options))
+
+
 @pytest.fixture(scope="session")
 def small_ov():
     """56 px / patch 14: a 4x4 grid per crop, 6 SigLIP layers, 4 Qwen2 layers."""
-    return tiny_llava_onevision(image_size=56, vision_layers=6)
+    return tiny_ov(image_size=56, vision_layers=6)
 
 
 @pytest.fixture(scope="session")
 def siglip384_ov():
     """The real SigLIP geometry (384 px, patch 14, 27x27 = 729 tokens per crop) with a narrow width and
     9 layers, so that k = 2..8 exist."""
-    return tiny_llava_onevision(image_size=384, vision_layers=9, text_layers=2)
+    return tiny_ov(image_size=384, vision_layers=9, text_layers=2)
+
+
+def same(a, b) -> bool:
+    """Bit-equal tensors (or tuples of them), NaN (positions merged away by the LLM stage) included."""
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
 def logits_of(model, inputs) -> torch.Tensor:

@@ -13,11 +13,13 @@ from .families import FAMILIES
 
 accelerate = pytest.importorskip("accelerate")
 
-# the blocks illava replaces the forward of; the packing encoders (aimv2) run their layers' parts from a method of
-# the encoder, never a layer's forward, so accelerate's per-layer hooks do not apply to them, patched or not
-LAYER_CLASSES = ("SiglipEncoderLayer", "Siglip2EncoderLayer", "Qwen2VLVisionBlock", "Qwen3VLVisionBlock",
+# the blocks illava replaces the forward of; the packing encoders (AIMv2, DINOv3, SigLIP2 packing) run their layers'
+# parts from a method of the encoder, never a layer's forward, so accelerate's per-layer hooks do not apply to them,
+# patched or not
+LAYER_CLASSES = ("SiglipEncoderLayer", "Siglip2EncoderLayer", "Qwen2VLVisionBlock", "Qwen2_5_VLVisionBlock", "Qwen3VLVisionBlock",
+                 "Qwen3VLMoeVisionBlock", "Qwen3_5VisionBlock",
                  "LlavaViTEncoderLayer")
-LAYERED_FAMILIES = sorted(set(FAMILIES) - {"aimv2"})
+LAYERED_FAMILIES = sorted(set(FAMILIES) - {"aimv2", "dinov3", "siglip2_packing"})
 
 
 def split_device_map(model) -> dict[str, str]:
@@ -48,7 +50,7 @@ def merge_counts(model):
 
 @pytest.mark.parametrize("family", LAYERED_FAMILIES)
 def test_merging_beneath_accelerate_hooks_gives_what_it_gives_without_them(family, tmp_path):
-    model, processor, call, settings = FAMILIES[family]()
+    model, processor, call, settings, *_ = FAMILIES[family]()
     unpatched = call(model, 1)
     with illava.applied(model, processor=processor, **settings):
         expected = call(model, 1)
@@ -88,7 +90,7 @@ def merge_layer(model):
 
 
 def test_accelerate_hooks_added_after_apply_wrap_the_merge_and_survive_remove():
-    model, processor, call, settings = FAMILIES["qwen2_vl"]()
+    model, processor, call, settings, *_ = FAMILIES["qwen2_vl"]()
     unpatched = call(model, 1)
     illava.apply(model, processor=processor, **settings)
     merged = call(model, 1)
@@ -107,7 +109,7 @@ def test_accelerate_hooks_added_after_apply_wrap_the_merge_and_survive_remove():
 
 
 def test_accelerate_hooks_present_at_apply_run_around_the_merge_and_stay_after_remove():
-    model, processor, call, settings = FAMILIES["llava_onevision"]()
+    model, processor, call, settings, *_ = FAMILIES["llava_onevision"]()
     unpatched = call(model, 1)
     layers = [module for module in model.modules() if type(module).__name__ in LAYER_CLASSES]
     hooks = [counting_hook() for _ in layers]
@@ -126,7 +128,7 @@ def test_accelerate_hooks_present_at_apply_run_around_the_merge_and_stay_after_r
 
 
 def test_a_forward_already_replaced_by_something_else_is_named():
-    model, processor, call, settings = FAMILIES["qwen2_vl"]()
+    model, processor, call, settings, *_ = FAMILIES["qwen2_vl"]()
     blocks = model.model.visual.blocks
     original = blocks[2].forward
 

@@ -38,7 +38,7 @@ def unpatched_compiled(family, model, call):
 
 @pytest.mark.parametrize("family, how", sorted(COMPILE_WAYS.items()))
 def test_a_compiled_patched_model_merges_as_the_eager_one(family, how):
-    model, processor, call, settings = FAMILIES[family]()
+    model, processor, call, settings, *_ = FAMILIES[family]()
     unpatched = unpatched_compiled(family, model, call)
     illava.apply(model, processor=processor, **settings)
     merged = call(model, 1)

@@ -17,7 +17,7 @@ CALLS, THREADS = 12, 4
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_concurrent_calls_equal_calls_alone(family):
-    model, processor, call, settings = FAMILIES[family]()
+    model, processor, call, settings, *_ = FAMILIES[family]()
     with illava.applied(model, processor=processor, **settings):
         def in_thread(seed):
             output = call(model, seed)

@@ -23,7 +23,7 @@ import illava
 from illava.integrations.report import merge_reports
 from illava.tools.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
 
-from .conftest import random_image, write_mp4
+from .conftest import random_image, tiny_ov, write_mp4
 
 TASKS_DIR = Path(__file__).parent / "lmms_tasks"
 TASKS = ["illava_tiny_gen", "illava_tiny_mc", "illava_tiny_rounds"]
@@ -48,8 +48,7 @@ needs_lmms_eval = pytest.mark.skipif(
 
 
 def test_merge_report_counts_tokens_per_stage_and_sample():
-    model, processor = tiny_llava_onevision()
-    processor.tokenizer.padding_side = "left"
+    model, processor = tiny_ov()
     prompts = [
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}] * count + [{"type": "text", "text": "what?"}]}],

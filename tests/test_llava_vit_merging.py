@@ -1,4 +1,5 @@
-"""ViT-stage merging inside the LLaVA-ViT packing encoder."""
+"""ViT-stage merging inside the LLaVA-ViT packing encoder. (Off, r=0, remove, copies and bad settings:
+`test_contract.py`.)"""
 
 import pytest
 import torch
@@ -14,18 +15,6 @@ VIT = dict(enable_illava_vit=True, illava_vit_k="1-2", illava_vit_r=5)
 @pytest.fixture(scope="module")
 def encoder():
     return random_model(tiny_config(num_hidden_layers=4, use_head=True))
-
-
-def test_disabled_and_r_zero_equal_unpatched(encoder):
-    grid = torch.tensor([[1, 4, 6], [3, 4, 4]])
-    patches = patches_for(grid)
-    with torch.no_grad():
-        baseline = encoder(patches, grid)
-        for options in (dict(enable_illava_vit=False), dict(VIT, illava_vit_r=0)):
-            with illava.applied(encoder, **options):
-                output = encoder(patches, grid)
-            assert torch.equal(output.last_hidden_state, baseline.last_hidden_state)
-            assert torch.equal(output.pooler_output, baseline.pooler_output)
 
 
 def test_counts_isolation_and_pooling_on_survivors(encoder):
@@ -70,8 +59,6 @@ def test_r_leaving_nothing_is_named(encoder):
     with illava.applied(encoder, enable_illava_vit=True, illava_vit_k="1", illava_vit_r=6):
         with pytest.raises(ValueError, match=r"illava_vit_r=6 leaves no token in segment 0 \(t, h, w = 1, 2, 3\)"):
             encoder(patches_for(grid), grid)
-    with pytest.raises(ValueError, match="enable_illava_llm"):
-        illava.apply(encoder, enable_illava_llm=True, illava_llm_k="1")
 
 
 @pytest.mark.parametrize("track", [False, True], ids=["untracked", "tracked"])

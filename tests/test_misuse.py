@@ -1,5 +1,6 @@
 """What a careless or hostile caller does to a patched model and its processor: each either works as documented
-or fails with an error naming the problem; nothing leaves bad state behind."""
+or fails with an error naming the problem; nothing leaves bad state behind. (What every family keeps alike:
+copies, pickling, applying twice, remove, bad settings: `test_contract.py`.)"""
 
 import copy
 
@@ -12,7 +13,6 @@ from illava.tools.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
 
 from .conftest import logits_of, random_image
 
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 OV_VIT = dict(enable_illava_vit=True, illava_vit_k="1-2", illava_vit_r=3)
 QWEN_VIT = dict(enable_illava_vit=True, illava_vit_k="2-3", illava_vit_r=3)
 
@@ -27,17 +27,8 @@ def qwen():
     return tiny_qwen2_vl()
 
 
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-equal, NaN (positions merged away by the LLM stage) included."""
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
-
-
 def ov_prompt(processor, image):
     return processor(images=[[image]], text="<image>describe", return_tensors="pt")
-
-
-def qwen_prompt(processor, image):
-    return processor(images=[image], text=IMAGE + "describe", return_tensors="pt")
 
 
 # -- processors --------------------------------------------------------------------------------------------
@@ -85,46 +76,21 @@ def test_the_wrong_processor_for_the_model_is_named(ov, qwen):
     assert ov_processor.num_image_tokens == 16 and "_illava_patched_for" not in vars(ov_processor)
 
 
-# -- copies ------------------------------------------------------------------------------------------------
+# -- saving, unsupported models ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["ov", "qwen"])
-def test_a_deep_copy_is_an_independent_patched_model(family, request):
-    model, processor = request.getfixturevalue(family)
-    options = dict(OV_VIT if family == "ov" else QWEN_VIT, enable_illava_llm=True, illava_llm_k="2", illava_llm_r=0.5)
-    build = ov_prompt if family == "ov" else qwen_prompt
-    with illava.applied(model, processor=processor, **options):
-        first, second = build(processor, random_image(100, 150)), build(processor, random_image(90, 120, seed=1))
-        original_logits = logits_of(model, first)
-        original_trace = illava.last_trace(model)
-        duplicate = copy.deepcopy(model)
-        assert illava.is_applied(model) and illava.is_applied(duplicate)
-        assert illava.last_trace(model) is original_trace  # copying lost nothing
-        assert same(logits_of(duplicate, first), original_logits)
-        assert illava.last_trace(model) is original_trace  # the copy's forward wrote its own trace
-        assert illava.last_trace(duplicate) is not original_trace
-        logits_of(duplicate, second)
-        illava.remove(duplicate)
-        assert same(logits_of(model, first), original_logits)  # the original is still patched
-    assert not illava.is_applied(model) and "__deepcopy__" not in vars(model)
-
-
-def test_shallow_copies_and_pickling_are_refused_and_save_pretrained_works(ov, tmp_path):
-    import io
-    import pickle
-
+def test_save_pretrained_while_applied_saves_the_weights(ov, tmp_path):
+    """(Deep copies, shallow copies and pickling of a patched model: `test_contract.py`, on every family.)"""
     model, processor = ov
     with illava.applied(model, processor=processor, **OV_VIT):
-        with pytest.raises(TypeError, match="cannot be shallow-copied or pickled"):
-            copy.copy(model)
-        with pytest.raises(TypeError, match="cannot be shallow-copied or pickled"):
-            pickle.dumps(model)
-        with pytest.raises(TypeError, match="cannot be shallow-copied or pickled"):
-            torch.save(model, io.BytesIO())
         model.save_pretrained(tmp_path)  # the weights, unchanged by merging
-    assert copy.copy(model) is not model  # unpatched: as usual
     reloaded = type(model).from_pretrained(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_an_unsupported_model_is_named():
+    with pytest.raises(TypeError, match="does not support Linear"):
+        illava.apply(torch.nn.Linear(2, 2), enable_illava_vit=True)
 
 
 # -- prompt_ends ---------------------------------------------------------------------------------------------

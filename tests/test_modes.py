@@ -6,10 +6,10 @@ import torch
 
 import illava
 from illava import IllavaConfig
-from illava.tools.tiny_models import tiny_llava_onevision, tiny_qwen2_vl
+from illava.tools.tiny_models import tiny_llava_onevision
 from illava.visualize.sources import write_heatmaps
 
-from .conftest import random_image, random_video
+from .conftest import random_image, random_video, tiny_qwen2
 from .test_llava_vit_model import patches_for, random_model, tiny_config
 from .test_siglip2 import naflex, run  # noqa: F401  (fixture)
 
@@ -24,9 +24,7 @@ def ov():
 
 @pytest.fixture(scope="module")
 def qwen():
-    model, processor = tiny_qwen2_vl()
-    processor.tokenizer.padding_side = "left"
-    return model, processor
+    return tiny_qwen2()
 
 
 def counts(trace):
