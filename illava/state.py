@@ -70,20 +70,20 @@ class IllavaState:
             self.override_method(module, "generate", generate)
 
     def before_forward(self, module: Any, hook: Callable, *, with_kwargs: bool = False, prepend: bool = False) -> None:
-        """`module.register_forward_pre_hook`, run eagerly (see `_eager`), removed by `undo`."""
-        self._hooks.append(module.register_forward_pre_hook(_eager(hook), with_kwargs=with_kwargs, prepend=prepend))
+        """`module.register_forward_pre_hook`, run eagerly (see `eager`), removed by `undo`."""
+        self._hooks.append(module.register_forward_pre_hook(eager(hook), with_kwargs=with_kwargs, prepend=prepend))
 
     def after_forward(self, module: Any, hook: Callable, *, with_kwargs: bool = False, always_call: bool = False) -> None:
-        """`module.register_forward_hook`, run eagerly (see `_eager`), removed by `undo`."""
+        """`module.register_forward_hook`, run eagerly (see `eager`), removed by `undo`."""
         self._hooks.append(
-            module.register_forward_hook(_eager(hook), with_kwargs=with_kwargs, always_call=always_call)
+            module.register_forward_hook(eager(hook), with_kwargs=with_kwargs, always_call=always_call)
         )
 
     def install_forward(self, module: Any, forward: Callable) -> None:
         """Make `forward(module, *args, **kwargs)` what `module` computes, on this instance, beneath the wrappers
         accelerate puts there (`device_map` over devices, CPU / disk offload: `_hf_hook` around `_old_forward`),
         so their pre- and post-forward still run (inputs moved, offloaded weights loaded). It runs eagerly under
-        torch.compile (see `_eager`). `undo` finds it in either place, also when accelerate's hooks were added or
+        torch.compile (see `eager`). `undo` finds it in either place, also when accelerate's hooks were added or
         removed after `apply`."""
         _refuse_hub_kernel_layer(module)
         own = module.__dict__
@@ -98,7 +98,7 @@ class IllavaState:
             )
         else:
             place = "forward"
-        installed = types.MethodType(_eager(forward), module)
+        installed = types.MethodType(eager(forward), module)
         self._forwards.append((module, installed, own.get(place, _MISSING)))
         setattr(module, place, installed)
 
@@ -146,7 +146,7 @@ class IllavaState:
         self._attributes.clear()
 
 
-def _eager(function: Callable) -> Callable:
+def eager(function: Callable) -> Callable:
     """Run `function` as Python, outside any compiled graph: illava's hooks and merges hand state from one to the
     next (the q/k a merge scores, the survivors later blocks re-slice for) and merge data-dependently; dynamo
     does not carry such side effects across graph breaks on every torch release (torch 2.6 merged wrongly)."""

@@ -1,5 +1,5 @@
 """ViT-stage merging inside vision encoders that pack every image's patches into one `[total_patches, dim]`
-sequence with `cu_seqlens` segments (Qwen2-VL, Qwen2.5-VL, LLaVA-ViT packing).
+sequence with `cu_seqlens` segments (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-ViT, the packing encoders).
 
 Each segment (an image, a frame, or a temporal slice) is merged independently. Merging works in *units* of
 `unit` consecutive tokens (4 for Qwen2-VL, whose PatchMerger fuses every 4 consecutive tokens = one 2x2 window;
@@ -64,13 +64,15 @@ def merge_packed(
     setting: str,
     options: dict,
     attention_cu_seqlens: torch.Tensor | None = None,
+    prefix: int = 0,
 ) -> torch.Tensor:
     """One merge step on packed `hidden [N, D]` with rotated `query`/`key [N, heads, head_dim]`.
 
     Tokens are scored by the attention they receive within the segments the block attended over
     (`attention_cu_seqlens`: attention windows, default the merge segments), summed over queries so that
     tokens of windows of different sizes compare fairly; then every merge segment loses its lowest units, the way
-    `options` (`IllavaConfig.merge_options`) say.
+    `options` (`IllavaConfig.merge_options`) say. The first `prefix` tokens of every segment (DINOv3's CLS and
+    registers) attend and are attended to but are no units: they never merge and are not counted.
     Updates `run` (boundaries, origins, positions, sources, counts, windows, followers) and returns the packed
     survivors.
     """
@@ -78,25 +80,29 @@ def merge_packed(
     removed = run.removals(units_removed, describe_segment, setting)
     padded_hidden, valid, _ = pad_segments(hidden, cu_seqlens)
     segments, longest, dim = padded_hidden.shape
+    patches = longest - prefix
 
     def unit_scores():
         boundaries = cu_seqlens if attention_cu_seqlens is None else attention_cu_seqlens
         scores, _, _ = pad_segments(attention_mass(query, key, scale, boundaries), cu_seqlens)
-        return scores.view(segments, longest // unit, unit).mean(dim=-1)
+        return scores[:, prefix:].reshape(segments, patches // unit, unit).mean(dim=-1)
 
-    units_hidden = padded_hidden.view(segments, longest // unit, unit * dim)  # a 2x2 window moves as one token
-    merged_units, plan = merge_groups(run, units_hidden, unit_scores, removed, options, valid=valid[:, ::unit])
+    # a 2x2 window moves as one token
+    units_hidden = padded_hidden[:, prefix:].reshape(segments, patches // unit, unit * dim)
+    units_before = run.counts[-1]
+    merged_units, plan = merge_groups(run, units_hidden, unit_scores, removed, options, valid=valid[:, prefix::unit])
     if plan is None:
         return hidden
-    keep_tokens = plan.keep.repeat_interleave(unit, dim=1)
-    survivors = merged_units.view(segments, longest, dim)[keep_tokens]
+    keep_tokens = torch.cat([valid[:, :prefix], plan.keep.repeat_interleave(unit, dim=1)], dim=1)
+    merged = torch.cat([padded_hidden[:, :prefix], merged_units.view(segments, patches, dim)], dim=1)
+    survivors = merged[keep_tokens]
     origin, _, _ = pad_segments(run.origin, cu_seqlens)
     run.origin = origin[keep_tokens]
     if run.window_of_token is not None:
         window_of_token, _, _ = pad_segments(run.window_of_token, cu_seqlens)
         run.window_of_token = window_of_token[keep_tokens]
     run.cu_seqlens = torch.nn.functional.pad(keep_tokens.sum(dim=1).cumsum(0), (1, 0)).to(cu_seqlens.dtype)
-    unit_cu_seqlens = cu_seqlens // unit
+    unit_cu_seqlens = torch.nn.functional.pad(units_before.cumsum(0), (1, 0))
     run.followers = [merge.apply_merge(pad_segments(features, unit_cu_seqlens)[0], plan)[plan.keep]
                      for features in run.followers]
     return survivors

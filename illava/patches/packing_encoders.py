@@ -1,4 +1,4 @@
-"""The seed's packing encoders (`illava.models.packing_encoders`: `AIMv2Packing`, `DINOv3ViTPacking`,
+"""The packing encoders of the reference implementation (`illava.models.packing_encoders`: `AIMv2Packing`, `DINOv3ViTPacking`,
 `Siglip2NaflexPacking`): ViT-stage merging inside chosen encoder layers.
 
 Every frame segment (an image; each frame of a `grid_thw` row with t > 1) merges on its own, inside layer k after
@@ -18,18 +18,18 @@ each frame's survivors in their original raster order. `illava.last_trace(model)
 
 from __future__ import annotations
 
-import dataclasses
 import types
 
 import torch
 
-from .. import merge
+from ..models.llava_vit import check_grid_thw
 from ..models.packing_encoders import AIMv2Packing, DINOv3ViTPacking, PackedSegments, Siglip2NaflexPacking
 from ..registry import Family
-from ..state import IllavaState
+from ..state import IllavaState, eager
 from ..trace import VisionTrace
-from .packed import attention_mass
-from .vision_stage import removals
+from .packed import merge_packed, resliced_rotary
+from .vision_stage import VisionRun, VisionStage
+
 
 def apply(state: IllavaState, model, processor=None) -> None:
     config = state.config
@@ -37,132 +37,82 @@ def apply(state: IllavaState, model, processor=None) -> None:
     if config.enable_illava_llm:
         raise ValueError(f"illava: {type(model).__name__} is a vision encoder; enable_illava_llm does not apply to it")
     if config.enable_illava_vit:
-        PackedEncoderMerger(state, model)
+        PackingEncoderStage(state, model)
 
 
-@dataclasses.dataclass
-class MergingCall:
-    """One forward of the encoder, from its first merge layer on."""
+class PackingEncoderStage(VisionStage):
+    """Each frame of the packed call is a group of patch units; the encoder runs its layers through its own
+    `encoder_layer(index, hidden, segments)`, so that method is what merges, and the `segments` every later layer
+    and `finish` read carry the survivors' boundaries and RoPE rows."""
 
-    segments: PackedSegments  # the encoder's own, updated by every merge
-    frames: list[tuple[int, int, int]]  # (grid_thw row, h, w) of each segment
-    first_token: torch.Tensor  # [S] where each segment started in the sequence the layers began with
-    origin: torch.Tensor  # [M] index of each current token in that sequence
-    rotary: tuple[torch.Tensor, torch.Tensor] | None  # the per-token RoPE tables before any merge
-    counts: list[torch.Tensor]  # [S] patches per segment, before the first merge layer and after each one
-    standing: torch.Tensor | None  # [P] current token standing for each original patch (-1: none), when tracked
-    source_history: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [P] survivor index in its frame
+    def __init__(self, state: IllavaState, encoder):
+        super().__init__(state, encoder, encoder.layers, state.config.illava_vit_k)
 
+    def install_layers(self, layers) -> None:
+        unmerged_layer = self.encoder.encoder_layer
+        merge_layers = frozenset(self.merge_layers)
 
-class PackedEncoderMerger:
-    def __init__(self, state: IllavaState, model):
-        self.state = state
-        self.config = state.config
-        self.call: MergingCall | None = None
-        merge_layers = frozenset(self.config.illava_vit_k)
-        unmerged_layer = model.encoder_layer
-
-        @torch.compiler.disable  # like every merging forward (`IllavaState.install_forward`)
+        @eager
         def merging_layer(encoder, index, hidden, segments):
             layer = encoder.layers[index]
             hidden, query, key = encoder.attention_residual(layer, hidden, segments)
             return encoder.mlp_residual(layer, self._merge(hidden, query, key, segments))
 
         def encoder_layer(encoder, index, hidden, segments):
-            if index not in merge_layers:
+            if index not in merge_layers or self.run is None:
                 return unmerged_layer(index, hidden, segments)
             return merging_layer(encoder, index, hidden, segments)
 
-        state.before_forward(model, self._start)
-        state.after_forward(model, self._finish, always_call=True)
-        state.set_attribute(model, "encoder_layer", types.MethodType(encoder_layer, model))
+        self.state.set_attribute(self.encoder, "encoder_layer", types.MethodType(encoder_layer, self.encoder))
 
-    def _start(self, module, args):
-        self.call = None
+    def start(self, args, kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        grid_thw = args[1] if len(args) > 1 else kwargs["grid_thw"]
         self.state.trace.clear()
-
-    def _begin(self, hidden: torch.Tensor, segments: PackedSegments) -> MergingCall:
-        frames = [(row, h, w) for row, (t, h, w) in enumerate(segments.grid_thw.tolist()) for _ in range(t)]
-        _, offset = segments.token_layout()
-        patch_tokens = (offset >= segments.num_prefix).nonzero().squeeze(1)  # the original patches, in order
-        self.call = MergingCall(
-            segments=segments,
-            frames=frames,
-            first_token=segments.cu_seqlens[:-1].long(),
-            origin=torch.arange(hidden.shape[0], device=hidden.device),
-            rotary=segments.rotary,
-            counts=[torch.tensor([h * w for _, h, w in frames], device=hidden.device)],
-            standing=patch_tokens if self.config.illava_track_vit_source else None,
+        grid = check_grid_thw(grid_thw, hidden_states.shape[0], allow_empty_rows=False)
+        frames = torch.tensor([[h, w] for t, h, w in grid for _ in range(t)], device=hidden_states.device)
+        lengths = frames.prod(dim=1) + self.encoder.num_prefix_tokens
+        return VisionRun.start(
+            frames, self.config.illava_track_vit_source,
+            cu_seqlens=torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+            origin=torch.arange(int(lengths.sum()), device=hidden_states.device), grid_thw=grid_thw,
         )
-        return self.call
 
     def _merge(self, hidden: torch.Tensor, query: torch.Tensor, key: torch.Tensor, segments: PackedSegments):
-        call = self.call if self.call is not None else self._begin(hidden, segments)
-        counts = call.counts[-1]
+        run = self.run
+        if len(run.counts) == 1:  # the first merge layer: the tables every later one takes its rows from
+            run.rotary = segments.rotary
 
-        def describe(segment):
-            row, h, w = call.frames[segment]
-            return f"segment {segment} (grid_thw row {row}, {h}x{w} patches)"
+        def describe(frame):
+            height, width = (int(side) for side in run.grids[frame])
+            row = int(torch.searchsorted(run.grid_thw[:, 0].cumsum(0).cpu(), frame, right=True))
+            return f"segment {frame} (grid_thw row {row}, {height}x{width} patches)"
 
-        removed = removals(counts, self.config.vit_tokens_removed, describe, f"illava_vit_r={self.config.illava_vit_r}")
-        if int(removed.max()) > 0:
-            segment, offset = segments.token_layout()
-            candidates = torch.where(offset >= segments.num_prefix, segment, -1)  # prefix tokens are no candidates
-            scores = attention_mass(query, key, query.shape[-1] ** -0.5, segments.cu_seqlens)  # all three scale so
-            merged = merge.merge_spans(
-                hidden[None], scores[None], candidates[None], self.config.vit_tokens_removed,
-                **self.config.merge_options("vit"),
-            )
-            keep = merged.keep[0]
-            if call.standing is not None:
-                standing = torch.where(call.standing >= 0, merged.representative[0][call.standing.clamp(min=0)], -1)
-                new_index = keep.long().cumsum(0) - 1
-                call.standing = torch.where(standing >= 0, new_index[standing.clamp(min=0)], -1)
-            hidden = merged.hidden[0][keep]
-            call.origin = call.origin[keep]
-            kept_per_segment = torch.bincount(segment[keep], minlength=counts.numel())
-            segments.cu_seqlens = torch.nn.functional.pad(kept_per_segment.cumsum(0), (1, 0)).to(torch.int32)
-            if call.rotary is not None:
-                segments.rotary = tuple(table[call.origin] for table in call.rotary)
-        call.counts.append(counts - removed)
-        if call.standing is not None:
-            call.source_history.append(self._survivor_in_frame(call))
+        hidden = merge_packed(run, hidden, query, key, query.shape[-1] ** -0.5, 1, self.config.vit_tokens_removed,
+                              describe, self.describe_setting(), self.config.merge_options("vit"),
+                              prefix=segments.num_prefix)
+        segments.cu_seqlens = run.cu_seqlens
+        if run.rotary is not None and run.merged:
+            segments.rotary = resliced_rotary(run)
         return hidden
 
-    @staticmethod
-    def _survivor_in_frame(call: MergingCall) -> torch.Tensor:
-        """`[P]` index, among its frame's current patches, of the token standing for each original patch."""
-        _, offset = call.segments.token_layout()
-        rank = offset - call.segments.num_prefix
-        return torch.where(call.standing >= 0, rank[call.standing.clamp(min=0)], -1)
-
-    def _finish(self, module, args, output):
-        call, self.call = self.call, None
-        if call is None or output is None:
-            return output
-        segments = call.segments
-        segment, offset = segments.token_layout()
-        is_patch = offset >= segments.num_prefix
-        raster = (call.origin - call.first_token[segment] - segments.num_prefix)[is_patch]
-        final = call.counts[-1].tolist()
-        token_start = patch_start = frame = 0
-        for row, (t, h, w) in enumerate(segments.grid_thw.tolist()):
-            kept = final[frame]
-            history = [step[patch_start : patch_start + t * h * w].view(t, h * w) for step in call.source_history]
+    def finish(self, run, output):
+        frame = 0
+        for t, height, width in run.grid_thw.tolist():
+            kept = int(run.counts[-1][frame])
+            frames = slice(frame, frame + t)
             self.state.trace.vision.append(
                 VisionTrace(
                     modality="vision",
-                    grid=(h, w),
-                    merge_layers=self.config.illava_vit_k,
-                    tokens_per_group=[int(step[frame]) for step in call.counts],
-                    positions=raster[token_start : token_start + t * kept].view(t, kept),
-                    sources=history[-1] if history else None,
-                    source_history=history,
+                    grid=(height, width),
+                    merge_layers=self.merge_layers,
+                    tokens_per_group=[int(step[frame]) for step in run.counts],
+                    positions=run.positions[frames, :kept],
+                    sources=None if run.sources is None else run.sources[frames, : height * width],
+                    source_history=[step[frames, : height * width] for step in run.source_history],
                     groups_per_item=[t],
                 )
             )
-            token_start += t * kept
-            patch_start += t * h * w
             frame += t
         return output
 

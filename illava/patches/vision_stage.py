@@ -146,10 +146,15 @@ class VisionStage:
         self.run: VisionRun | None = None
         state.before_forward(encoder, self._start_call, with_kwargs=True)
         state.after_forward(encoder, self._finish_call, with_kwargs=True, always_call=True)
+        self.install_layers(layers)
+
+    def install_layers(self, layers) -> None:
+        """Each merge layer's forward replaced (beneath accelerate's hooks), every later layer's arguments
+        re-sliced. An encoder that runs its layers some other way than calling them overrides this."""
         for index in self.merge_layers:
-            state.install_forward(layers[index], self.layer_forward(self.capture(layers[index])))
+            self.state.install_forward(layers[index], self.layer_forward(self.capture(layers[index])))
         for index in range(self.merge_layers[0] + 1 if self.merge_layers else len(layers), len(layers)):
-            state.before_forward(layers[index], self._reslice_hook(index), with_kwargs=True)
+            self.state.before_forward(layers[index], self._reslice_hook(index), with_kwargs=True)
 
     # -- what a family provides ---------------------------------------------------------------------------------
 
