@@ -1,4 +1,4 @@
-"""`IllavaConfig`: the iLLaVA parameters in the seed's vocabulary, parsed from whatever callers pass.
+"""`IllavaConfig`: the iLLaVA parameters in the vocabulary of the reference implementation (hulianyuyy/iLLaVA), parsed from whatever callers pass.
 
 lmms-eval hands model arguments over as already-parsed Python values, command lines hand them over as strings,
 and Python users pass lists and bools; all of them land here and come out normalised:

@@ -11,8 +11,9 @@ count r (per group) removes r tokens; survivors keep their original order. How (
 - "shift" (mode 2, no scores): the last token is averaged 1:1 into its predecessor, r times.
 - "pivot" (mode 3, pivot / context recycling): see `_plan_pivot`.
 
-Bookkeeping is O(N) per group: `positions` (the original index each survivor sits at) and, when tracked,
-`sources` (for every original token, the index of the current token that stands for it).
+Bookkeeping is O(N) per group: `positions` (the original index each survivor sits at), each step's `owner` (the
+survivor standing for each token of that step) and, when tracked, `sources` (the same over every step so far: for
+each original token, the index of the current token that stands for it).
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ class SpanMerge:
 
     hidden: torch.Tensor  # [B, L, D]: targets hold their span's merged value
     keep: torch.Tensor  # [B, L] bool: False where a token was merged away
-    representative: torch.Tensor  # [B, L] long: position now standing for each position (itself if kept)
+    owner: torch.Tensor  # [B, L] long: position now standing for each position (itself if kept)
 
 
 def merge_spans(
@@ -283,11 +284,11 @@ def merge_spans(
     batch, length, dim = hidden.shape
     device = hidden.device
     keep = torch.ones(batch, length, dtype=torch.bool, device=device)
-    representative = torch.arange(length, device=device).repeat(batch, 1)
+    owner = torch.arange(length, device=device).repeat(batch, 1)
     flat_span = span.flatten()
     candidates = (flat_span >= 0).nonzero().squeeze(1)
     if candidates.numel() == 0:
-        return SpanMerge(hidden, keep, representative)
+        return SpanMerge(hidden, keep, owner)
     # group the candidates by span, positions ascending inside each span
     candidates = candidates[flat_span[candidates].argsort(stable=True)]
     span_ids, sizes = torch.unique_consecutive(flat_span[candidates], return_counts=True)
@@ -298,7 +299,7 @@ def merge_spans(
     grouped[valid] = candidates
     r = torch.tensor([tokens_removed(int(size)) for size in sizes.tolist()], device=device)
     if int(r.max()) == 0:
-        return SpanMerge(hidden, keep, representative)
+        return SpanMerge(hidden, keep, owner)
     flat_hidden = hidden.reshape(batch * length, dim)
     grouped_hidden = flat_hidden[grouped]
     plan = plan_merge(scores.flatten()[grouped], r, valid=valid, mode=mode, x=grouped_hidden, pc_ratio=pc_ratio)
@@ -308,5 +309,5 @@ def merge_spans(
     dropped = valid & ~plan.keep
     keep.view(-1)[grouped[dropped]] = False
     owner_position = torch.where(plan.owner >= 0, grouped.gather(1, plan.owner.clamp(min=0)) % length, -1)
-    representative.view(-1)[grouped[dropped]] = owner_position[dropped]
-    return SpanMerge(out.view(batch, length, dim), keep, representative)
+    owner.view(-1)[grouped[dropped]] = owner_position[dropped]
+    return SpanMerge(out.view(batch, length, dim), keep, owner)

@@ -63,7 +63,7 @@ class LanguageTrace:
     positions: torch.Tensor  # [B, L']: original position of each token that layers >= `layer` see
     visual_tokens_per_span: list[int]  # tokens left in each image/video span, spans in prompt order
     # [B, L]: position of the survivor standing for each position (-1: dropped)
-    representatives: torch.Tensor | None = None
+    sources: torch.Tensor | None = None
 
     def kept_positions(self, sample: int) -> torch.Tensor:
         row = self.positions[sample]
@@ -110,9 +110,9 @@ class IllavaTrace:
         slot_of_patch = vision.source_map().flatten(1)  # -1: dropped ("drop" / "pivot" modes)
         feature = torch.where(slot_of_patch >= 0, vision.features.gather(1, slot_of_patch.clamp(min=0)), -1)
         positions = torch.where(feature >= 0, first[:, None] + feature, -1)
-        if self.language and self.language[layer].representatives is not None:
-            representatives = self.language[layer].representatives.cpu()[samples]
-            positions = torch.where(positions >= 0, representatives.gather(1, positions.clamp(min=0)), -1)
+        if self.language and self.language[layer].sources is not None:
+            sources = self.language[layer].sources.cpu()[samples]
+            positions = torch.where(positions >= 0, sources.gather(1, positions.clamp(min=0)), -1)
         elif self.language:
             raise RuntimeError("LLM sources were not recorded; apply illava with illava_track_llm_source=True")
         return samples, positions.view(-1, *vision.grid)

@@ -3,7 +3,7 @@ hold on every family: the contract (`test_contract.py`), threads, torch.compile.
 
 `FAMILIES[name]()` builds a fresh `Case`: the model, the processor to pass to `illava.apply` (None where the family
 leaves processors alone), `call(module, seed, video=False)` which runs `module` (the model, or a compiled wrapper
-of it) on the seed's input and returns its output tensor(s), `settings` that merge in it (both stages where the
+of it) on the input of that seed and returns its output tensor(s), `settings` that merge in it (both stages where the
 family has a language model), the depth of its vision encoder and of its language model (None: no LLM stage), and
 `probes`: the keyword sets of `call` that together cover its inputs (images and videos)."""
 

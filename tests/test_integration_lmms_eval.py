@@ -133,7 +133,7 @@ def run_lmms_eval(model: str, model_args: str, batch_size: int, output: Path, tm
 @pytest.mark.parametrize(
     "model, checkpoint, extra, batch_size, merged",
     [
-        # the seed's command line, on the CPU and a local checkpoint
+        # the reference implementation's command line, on the CPU and a local checkpoint
         (
             "llava_onevision_training_free", "ov",
             f"conv_template=qwen_1_5,model_name=llava_qwen_training_free,device_map=cpu,{OV_MERGE}", 1, True,

@@ -254,12 +254,12 @@ def test_sources_map_every_visual_token_to_a_survivor(ov):
     ):
         logits_of(model, inputs)
         last = illava.last_trace(model).language[-1]
-    representatives = last.representatives[0]
+    sources = last.sources[0]
     kept = set(last.kept_positions(0).tolist())
-    assert set(representatives.tolist()) == kept  # every position is represented by a survivor
-    assert all(representatives[position].item() == position for position in kept)
+    assert set(sources.tolist()) == kept  # every position is represented by a survivor
+    assert all(sources[position].item() == position for position in kept)
     is_visual = inputs["input_ids"][0] == model.config.image_token_id
-    assert bool(is_visual[representatives[is_visual]].all())  # visual tokens merge only into visual tokens
+    assert bool(is_visual[sources[is_visual]].all())  # visual tokens merge only into visual tokens
 
 
 def test_errors(ov):

@@ -1,4 +1,4 @@
-"""The seed's packing encoders (AIMv2, DINOv3, SigLIP2 NaFlex): alignment with the transformers models, the align
+"""The reference implementation's packing encoders (AIMv2, DINOv3, SigLIP2 NaFlex): alignment with the transformers models, the align
 CLI, and ViT-stage merging per packed frame. (Off, r=0, remove, copies and bad settings: `test_contract.py`.)"""
 
 from __future__ import annotations

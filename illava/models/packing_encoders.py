@@ -1,4 +1,5 @@
-"""The seed's packing vision encoders: AIMv2, DINOv3 and SigLIP2 NaFlex over packed, unpadded patches.
+"""The packing vision encoders of the reference implementation (hulianyuyy/iLLaVA): AIMv2, DINOv3 and SigLIP2
+NaFlex over packed, unpadded patches.
 
 Each class wraps an instance of the transformers model (`Aimv2VisionModel`, `DINOv3ViTModel`, `Siglip2VisionModel`)
 and adopts its submodules under their own names, so the state-dict keys are the transformers ones: `from_pretrained`

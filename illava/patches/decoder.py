@@ -138,7 +138,7 @@ class _Prefill:
         self.layouts: list[tuple[int, Layout]] = []
         self.sliced: dict | None = None
         self.capture: dict = {}
-        self.representatives = (
+        self.sources = (
             torch.arange(length, device=span.device).repeat(batch, 1) if track_sources else None
         )
 
@@ -375,8 +375,8 @@ class LanguageModelMerger:
         if bool(keep[layout.valid].all()):
             self._record(run, layer_index, layout)
             return hidden
-        if run.representatives is not None:
-            self._update_representatives(run, layout, result.representative)
+        if run.sources is not None:
+            self._update_sources(run, layout, result.owner)
         new_layout, source_slot = _compact(layout, keep)
         run.layout, run.sliced = new_layout, None
         run.layouts.append((layer_index, new_layout))
@@ -385,18 +385,18 @@ class LanguageModelMerger:
         return gathered.masked_fill(~new_layout.valid[..., None], 0)
 
     @staticmethod
-    def _update_representatives(run: _Prefill, layout: Layout, representative_slot: torch.Tensor) -> None:
-        # slot -> original position of its representative (-1: dropped, none); then follow every original
+    def _update_sources(run: _Prefill, layout: Layout, owner_slot: torch.Tensor) -> None:
+        # slot -> original position of its owner (-1: dropped, none); then follow every original
         # position through it
-        representative_position = torch.where(
-            representative_slot >= 0, layout.index.gather(1, representative_slot.clamp(min=0)), -1
+        owner_position = torch.where(
+            owner_slot >= 0, layout.index.gather(1, owner_slot.clamp(min=0)), -1
         )
-        slot_of_position = torch.zeros_like(run.representatives)
+        slot_of_position = torch.zeros_like(run.sources)
         batch_index, slot = layout.valid.nonzero(as_tuple=True)
         slot_of_position[batch_index, layout.index[batch_index, slot]] = slot
-        current = run.representatives
-        followed = representative_position.gather(1, slot_of_position.gather(1, current.clamp(min=0)))
-        run.representatives = torch.where(current >= 0, followed, -1)
+        current = run.sources
+        followed = owner_position.gather(1, slot_of_position.gather(1, current.clamp(min=0)))
+        run.sources = torch.where(current >= 0, followed, -1)
 
     def _record(self, run: _Prefill, layer_index: int, layout: Layout) -> None:
         spans = layout.span[layout.span >= 0]
@@ -406,7 +406,7 @@ class LanguageModelMerger:
                 layer=layer_index,
                 positions=layout.index.masked_fill(~layout.valid, -1),
                 visual_tokens_per_span=counts.tolist(),
-                representatives=None if run.representatives is None else run.representatives.clone(),
+                sources=None if run.sources is None else run.sources.clone(),
             )
         )
 

@@ -1,4 +1,4 @@
-"""The packing encoders of the reference implementation (`illava.models.packing_encoders`: `AIMv2Packing`, `DINOv3ViTPacking`,
+"""The packing encoders (`illava.models.packing_encoders`: `AIMv2Packing`, `DINOv3ViTPacking`,
 `Siglip2NaflexPacking`): ViT-stage merging inside chosen encoder layers.
 
 Every frame segment (an image; each frame of a `grid_thw` row with t > 1) merges on its own, inside layer k after

@@ -145,7 +145,7 @@ def check_device_and_attention(device: str, attn_implementation: str, dtype: str
 
 
 def question_text(question: str) -> str:
-    """The seed writes questions as words joined by '-' or '_' ("What-is-in-the-image?"); plain text passes."""
+    """The reference implementation's command line writes questions as words joined by '-' or '_' ("What-is-in-the-image?"); plain text passes."""
     if any(character.isspace() for character in question):
         return question
     return question.replace("_", " ").replace("-", " ")

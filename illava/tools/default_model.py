@@ -34,7 +34,7 @@ def load_default_model(device: str | torch.device = "cpu", dtype: torch.dtype | 
     """`(model, processor)` from the bundled checkpoint (or a retrained one at `path`), without the network.
 
     The weights are stored in bfloat16 to keep the repository small; `dtype=None` loads them as float32, which is
-    what CPUs run fastest and what the accuracy in the README was measured with.
+    what CPUs run fastest and what its accuracy (docs/builtin-model.md) was measured with.
     """
     from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 

@@ -55,8 +55,9 @@ def tiny_llava_onevision(
 ):
     """A random-weight LLaVA-OneVision (SigLIP + Qwen2) and its processor.
 
-    `image_size=384, patch_size=14` gives the real SigLIP 27x27 token grid with a narrow width, so that the seed
-    token counts can be checked on CPU. `grid_multiples` are the anyres pinpoints in units of `image_size`.
+    `image_size=384, patch_size=14` gives the real SigLIP 27x27 token grid with a narrow width, so that the token
+    counts of the paper setting (the README's family table) can be checked on CPU. `grid_multiples` are the anyres
+    pinpoints in units of `image_size`.
     """
     from transformers import (
         LlavaOnevisionConfig,

@@ -110,7 +110,7 @@ def write_heatmaps(model, processor, inputs, trace: IllavaTrace, output_dir: str
         path = Path(output_dir) / f"attention_map_vit_layer_{layer}.jpg"
         written.append(save_panels(panels, path, titles, f"ViT layer {layer}: {remaining} tokens per crop/frame"))
     for layer_index, language in enumerate(trace.language):
-        if language.representatives is None:
+        if language.sources is None:
             break
         panels, titles = _panels(trace, images, lambda index, entry: trace.llm_source_map(index, layer_index)[1])
         remaining = language.visual_tokens_per_span[0]
