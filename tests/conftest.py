@@ -37,6 +37,22 @@ def left_padded(built):
     return model, processor
 
 
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+QWEN_VIT = dict(enable_illava_vit=True, illava_vit_k="2-3", illava_vit_r=3)
+
+
+def capture_positions(model):
+    """`(seen, handle)`: `seen["position_ids"]` becomes the position ids of the language model's last prefill."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        if kwargs.get("position_ids") is not None and kwargs["inputs_embeds"].shape[1] > 1:
+            seen["position_ids"] = kwargs["position_ids"]
+
+    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def tiny_ov(**options):
     """`illava.tools.tiny_models.tiny_llava_onevision`, padding on the left."""
     return left_padded(tiny_models.tiny_llava_onevision(**options))

@@ -16,12 +16,10 @@ import torch
 from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
 from transformers.video_utils import VideoMetadata
 
-from .conftest import random_image, random_video, tiny_ov, tiny_qwen2, tiny_qwen3
+from .conftest import QWEN_IMAGE, QWEN_VIDEO, random_image, random_video, tiny_ov, tiny_qwen2, tiny_qwen3
 from .test_llava_vit_model import patches_for, random_model, tiny_config
 from .test_packing_encoders import packed_input, random_encoder
 
-QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 QWEN_PROMPT = QWEN_IMAGE + "describe"
 BOTH_STAGES = dict(enable_illava_vit=True, illava_vit_k="2-3", illava_vit_r=0.3, enable_illava_llm=True,
                    illava_llm_k="2", illava_llm_r=0.5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from illava import IllavaConfig
-from illava.tools import bench
+from illava.tools import bench, measure
 from illava.tools.tiny_models import tiny_llava_onevision
 
 
@@ -123,6 +123,6 @@ def test_bad_arguments_are_refused_before_a_model_is_built(monkeypatch, capsys, 
 def test_cuda_device_with_an_index_is_synchronised(monkeypatch):
     synchronised = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: synchronised.append(True))
-    bench._synchronize("cuda:1")
-    bench._synchronize("cpu")
+    measure.synchronize("cuda:1")
+    measure.synchronize("cpu")
     assert synchronised == [True]

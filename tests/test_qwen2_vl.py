@@ -6,11 +6,10 @@ import torch
 
 import illava
 
-from .conftest import random_image, random_video, tiny_qwen2
-
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
-VIT = dict(enable_illava_vit=True, illava_vit_k="2-3", illava_vit_r=3)
+from .conftest import QWEN_IMAGE as IMAGE
+from .conftest import QWEN_VIDEO as VIDEO
+from .conftest import QWEN_VIT as VIT
+from .conftest import capture_positions, random_image, random_video, tiny_qwen2
 
 
 @pytest.fixture(scope="module", params=["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"])
@@ -22,16 +21,6 @@ def qwen(request):
 def encode(processor, images=(), videos=(), text="describe"):
     prompt = IMAGE * len(images) + VIDEO * len(videos) + text
     return processor(images=list(images) or None, videos=list(videos) or None, text=prompt, return_tensors="pt")
-
-
-def capture_positions(model):
-    seen = {}
-
-    def hook(module, args, kwargs):
-        if kwargs.get("position_ids") is not None and kwargs["inputs_embeds"].shape[1] > 1:
-            seen["position_ids"] = kwargs["position_ids"]
-
-    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def test_window_counts_per_segment_and_llm_token_count(qwen):

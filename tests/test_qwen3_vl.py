@@ -10,11 +10,10 @@ import illava
 from illava import compat
 from illava.visualize.sources import write_heatmaps
 
-from .conftest import random_image, random_video, tiny_qwen3
-
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
-VIT = dict(enable_illava_vit=True, illava_vit_k="2-3", illava_vit_r=3)
+from .conftest import QWEN_IMAGE as IMAGE
+from .conftest import QWEN_VIDEO as VIDEO
+from .conftest import QWEN_VIT as VIT
+from .conftest import capture_positions, random_image, random_video, tiny_qwen3
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["dense", "moe"])
@@ -35,16 +34,6 @@ def encode(processor, images=(), videos=(), text="describe"):
 
 def sample_inputs(processor):
     return encode(processor, [random_image(100, 150)], [random_video(4, 84, 112)])
-
-
-def capture_positions(model):
-    seen = {}
-
-    def hook(module, args, kwargs):
-        if kwargs.get("position_ids") is not None and kwargs["inputs_embeds"].shape[1] > 1:
-            seen["position_ids"] = kwargs["position_ids"]
-
-    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def test_window_counts_per_image_and_frame_and_placeholders(qwen3):

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `training` and `illava` import from the checkout
 
 from illava.tools.default_model import DEFAULT_MODEL_PATH, answer_questions, normalise_answer  # noqa: E402
-from illava.tools.tiny_models import CHAT_TEMPLATE, byte_level_tokenizer  # noqa: E402
+from illava.tools.tiny_models import build_llava_onevision, byte_level_tokenizer  # noqa: E402
 from training.scenes import (  # noqa: E402
     ANSWERS, COLOURS, COUNTS, KINDS, LOCATION_BINS, OPTION_LETTERS, SHAPES, SIZE, SYSTEM_PROMPT, VOCABULARY, ZONES,
     Question, Sample, VideoSample, in_format, mcq_choice, patch_labels, sample, sample_video,
@@ -81,62 +81,21 @@ MEDIA_NEWLINE_RATE = 0.15
 
 def build_model(vision_width: int, vision_layers: int, text_width: int, text_layers: int, seed: int):
     """A freshly initialised model and its processor (tokenizer, image and video processors, chat template)."""
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-    )
-
     tokenizer = byte_level_tokenizer()
     tokenizer.add_tokens(list(VOCABULARY))
     tokenizer.padding_side = "left"  # batched generation needs it; training uses it too, so the layouts agree
-    config = LlavaOnevisionConfig(
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=vision_width,
-            intermediate_size=4 * vision_width,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=vision_width // 32,
-            image_size=SIZE,
-            patch_size=PATCH,
-            vision_use_head=False,
-        ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=len(tokenizer),
-            hidden_size=text_width,
-            intermediate_size=3 * text_width,
-            num_hidden_layers=text_layers,
-            num_attention_heads=text_width // 48,
-            num_key_value_heads=text_width // 48,  # full multi-head: looking up "the circle" needs keys per head
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=PINPOINTS,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
+    model, processor = build_llava_onevision(
+        tokenizer, SIZE, PATCH, PINPOINTS,
+        vision=dict(hidden_size=vision_width, intermediate_size=4 * vision_width, num_hidden_layers=vision_layers,
+                    num_attention_heads=vision_width // 32),
+        text=dict(hidden_size=text_width, intermediate_size=3 * text_width, num_hidden_layers=text_layers,
+                  num_attention_heads=text_width // 48,
+                  num_key_value_heads=text_width // 48,  # full multi-head: looking up "the circle" needs keys per head
+                  max_position_embeddings=2048, tie_word_embeddings=True),
+        seed=seed,
     )
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config)
-    model.set_attn_implementation("sdpa")
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.max_new_tokens = 8
     model.generation_config.do_sample = False
-
-    size = {"height": SIZE, "width": SIZE}
-    processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=PINPOINTS),
-        video_processor=LlavaOnevisionVideoProcessor(size=size),
-        tokenizer=tokenizer,
-        num_image_tokens=(SIZE // PATCH) ** 2,
-        vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE,
-    )
     return model, processor
 
 

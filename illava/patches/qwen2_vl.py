@@ -11,11 +11,11 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLModel,
 )
+
 from ..registry import Family, inner_of_generation_model
 from ..state import IllavaState
-from .common import EncoderCall, patch_encoding
 from .decoder import LanguageModelMerger
-from .qwen_vision import QwenVisionStage, patch_features, patch_positions
+from .qwen_vision import QwenVisionStage, patch_vlm
 
 
 def apply(state: IllavaState, model, processor=None) -> None:
@@ -27,12 +27,7 @@ def apply(state: IllavaState, model, processor=None) -> None:
     if not (config.enable_illava_vit or config.enable_illava_llm):
         return
     language_merger = LanguageModelMerger(state, inner.language_model, model) if config.enable_illava_llm else None
-    call = EncoderCall()
-    vision = QwenVisionStage(state, visual, call)
-    if config.enable_illava_vit:
-        patch_features(state, inner, vision)
-        patch_positions(state, inner, vision)
-    patch_encoding(state, model, inner, language_merger, call)
+    vision = patch_vlm(state, model, inner, language_merger)
     if processor is not None and config.enable_illava_vit:
         patch_processor(state, processor, vision)
 

@@ -38,9 +38,8 @@ from transformers import (
 
 from ..registry import Family, inner_of_generation_model
 from ..state import IllavaState
-from .common import EncoderCall, patch_encoding
 from .decoder import LanguageModelMerger
-from .qwen_vision import QwenVisionStage, patch_features, patch_positions
+from .qwen_vision import QwenVisionStage, patch_vlm
 
 
 def apply(state: IllavaState, model, processor=None) -> None:
@@ -65,12 +64,7 @@ def apply(state: IllavaState, model, processor=None) -> None:
         _inject_deepstack_at_kept_positions(state, inner.language_model, language_merger)
         if hasattr(inner.config.text_config, "num_experts"):
             _refuse_router_logits(state, model)
-    call = EncoderCall()
-    vision = QwenVisionStage(state, visual, call)
-    if config.enable_illava_vit:
-        patch_features(state, inner, vision)
-        patch_positions(state, inner, vision, videos_per_slice=True)
-    patch_encoding(state, model, inner, language_merger, call)
+    vision = patch_vlm(state, model, inner, language_merger, videos_per_slice=True)
     if processor is not None and config.enable_illava_vit:
         patch_processor(state, processor, vision)
 

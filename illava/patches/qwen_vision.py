@@ -21,7 +21,7 @@ import torch
 from .. import compat, merge
 from ..state import IllavaState
 from ..trace import VisionTrace
-from .common import EncoderCall
+from .common import EncoderCall, patch_encoding
 from .packed import merge_packed, resliced_rotary, start_packed, window_seqlens
 from .vision_stage import VisionRun, VisionStage
 
@@ -205,6 +205,19 @@ class QwenVisionStage(VisionStage):
         if kwargs.get("max_seqlen") is not None:
             kwargs["max_seqlen"] = int((boundaries[1:] - boundaries[:-1]).max())
         return args, kwargs
+
+
+def patch_vlm(state: IllavaState, model, inner, language_merger, videos_per_slice: bool = False) -> QwenVisionStage:
+    """The ViT stage on a Qwen VLM's tower and what the model around it needs: features of the survivors, their
+    M-RoPE positions (`videos_per_slice`: Qwen3-VL's videos, one placeholder run per temporal slice), the
+    encoding traced and handed to the LLM stage (`language_merger`, or None)."""
+    call = EncoderCall()
+    vision = QwenVisionStage(state, inner.visual, call)
+    if state.config.enable_illava_vit:
+        patch_features(state, inner, vision)
+        patch_positions(state, inner, vision, videos_per_slice=videos_per_slice)
+    patch_encoding(state, model, inner, language_merger, call)
+    return vision
 
 
 def patch_features(state: IllavaState, inner, vision: QwenVisionStage) -> None:

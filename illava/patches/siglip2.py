@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from transformers import Siglip2Model, Siglip2VisionModel
+
 from .. import merge
 from ..compat import create_bidirectional_mask
 from ..registry import Family

@@ -32,8 +32,7 @@ import torch
 from .. import api, merge
 from .cli import ATTN_IMPLEMENTATIONS, CliError, check_device_and_attention
 from ..config import IllavaConfig
-from ..registry import find_family
-from .measure import PeakMemory
+from .measure import PeakMemory, on_cuda, stage_spans, synchronize
 from ..patches import decoder, packed
 
 logger = logging.getLogger(__name__)
@@ -245,7 +244,7 @@ def merge_time(device: str):
             finally:
                 depth["level"] -= 1
                 if depth["level"] == 0:  # nested calls count once
-                    _synchronize(device)
+                    synchronize(device)
                     spent["seconds"] += time.perf_counter() - start
 
         return wrapper
@@ -273,15 +272,6 @@ class Measurement:
     peak_bytes: int
 
 
-def _on_cuda(device: str) -> bool:
-    return torch.device(device).type == "cuda"  # "cuda:1" too
-
-
-def _synchronize(device: str) -> None:
-    if _on_cuda(device):
-        torch.cuda.synchronize()
-
-
 def measure_once(model, processor, family, build_inputs, config: IllavaConfig | None, batch: int, new_tokens: int,
                  device: str) -> Measurement:
     """One timed generate(): vision encoder (hooks), prefill (first forward), decode (the rest)."""
@@ -289,35 +279,13 @@ def measure_once(model, processor, family, build_inputs, config: IllavaConfig | 
         api.apply(model, config, processor=processor)
     try:
         inputs = build_inputs(batch)
-        spans = {"vision": [], "forward": []}
-        started = {}
-
-        def timer(name):
-            def start(module, *unused):
-                _synchronize(device)
-                started[name] = time.perf_counter()
-
-            def stop(module, *unused):
-                _synchronize(device)
-                spans[name].append((started[name], time.perf_counter()))
-
-            return start, stop
-
-        tower = find_family(model).vision_tower(model)
-        handles = []
-        for module, name in ((tower, "vision"), (model, "forward")):
-            start, stop = timer(name)
-            handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
-        try:
-            with torch.no_grad(), PeakMemory(device) as peak, merge_time(device) as merging:
-                _synchronize(device)
-                begin = time.perf_counter()
-                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-                _synchronize(device)
-                end_to_end = time.perf_counter() - begin
-        finally:
-            for handle in handles:
-                handle.remove()
+        with torch.no_grad(), stage_spans(model, device) as spans, PeakMemory(device) as peak, \
+                merge_time(device) as merging:
+            synchronize(device)
+            begin = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            synchronize(device)
+            end_to_end = time.perf_counter() - begin
         trace = api.last_trace(model) if config is not None else None
         visual = _visual_tokens(model, inputs, trace)
         flops = prefill_flops(
@@ -453,7 +421,7 @@ def video_sweep(model, processor, frame_counts, budget_bytes: int | None, repeat
         build = _inputs_builder(model, processor, "llava_onevision", 0, frames, device, dtype)
         try:
             rows += run_suite(model, processor, "llava_onevision", VIDEO_SETTINGS, build, [1], repeats, 2, device)
-        except torch.cuda.OutOfMemoryError if _on_cuda(device) else MemoryError:
+        except torch.cuda.OutOfMemoryError if on_cuda(device) else MemoryError:
             logger.warning("out of memory at %d frames", frames)
             break
         for row in rows[-len(VIDEO_SETTINGS):]:
@@ -586,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{args.geometry}-{args.device}-{args.dtype}-{args.attn}"
-    machine = {"device": torch.cuda.get_device_name(args.device) if _on_cuda(args.device) else "cpu",
+    machine = {"device": torch.cuda.get_device_name(args.device) if on_cuda(args.device) else "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     (output / f"{stem}.json").write_text(json.dumps(
         {"arguments": vars(args), "machine": machine, "rows": rows, "video": video_rows,

@@ -11,7 +11,6 @@ import argparse
 import importlib.util
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from .. import api
 from ..config import IllavaConfig
 from ..registry import families, family_of_model_type, find_family
-from .measure import PeakMemory
+from .measure import PeakMemory, stage_spans
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -218,29 +217,8 @@ class RunResult:
 
 def run_once(model, processor, inputs, max_new_tokens: int, device: str) -> RunResult:
     """Greedy generation, timed: vision encoder, prefill (first LLM forward), decode (the rest)."""
-    spans = {"vision": [], "forward": []}  # (start, end) of every vision-encoder call and model forward
-    started = {}
-
-    def timer(name):
-        def start(module, *unused):
-            started[name] = time.perf_counter()
-
-        def stop(module, *unused):
-            spans[name].append((started[name], time.perf_counter()))
-
-        return start, stop
-
-    tower = find_family(model).vision_tower(model)
-    handles = []
-    for module, name in ((tower, "vision"), (model, "forward")):
-        start, stop = timer(name)
-        handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
-    try:
-        with torch.no_grad(), PeakMemory(device) as peak:
-            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad(), stage_spans(model, device) as spans, PeakMemory(device) as peak:
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = generated[0, inputs["input_ids"].shape[1]:]
     answer = processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
     vision = sum(end - begin for begin, end in spans["vision"])

@@ -1,12 +1,57 @@
-"""Peak memory of a block of work: CUDA peak allocation on GPU, peak resident set size (sampled) on CPU."""
+"""Measuring a block of work: its peak memory (CUDA peak allocation on GPU, peak resident set size, sampled, on
+CPU) and the wall-clock spans of a model's vision-encoder calls and forwards."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
+
+from ..registry import find_family
+
+
+def on_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"  # "cuda:1" too
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it counts that work."""
+    if on_cuda(device):
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def stage_spans(model, device: str | torch.device = "cpu") -> Iterator[dict[str, list[tuple[float, float]]]]:
+    """`with stage_spans(model, device) as spans: model.generate(...)`: then `spans["vision"]` and
+    `spans["forward"]` hold the (start, end) `time.perf_counter()` of every vision-encoder call and every forward of
+    `model` (the first forward of a generate is the prefill)."""
+    spans: dict[str, list[tuple[float, float]]] = {"vision": [], "forward": []}
+    started: dict[str, float] = {}
+
+    def timer(name):
+        def start(module, *unused):
+            synchronize(device)
+            started[name] = time.perf_counter()
+
+        def stop(module, *unused):
+            synchronize(device)
+            spans[name].append((started[name], time.perf_counter()))
+
+        return start, stop
+
+    handles = []
+    for module, name in ((find_family(model).vision_tower(model), "vision"), (model, "forward")):
+        start, stop = timer(name)
+        handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+    try:
+        yield spans
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class PeakMemory:

@@ -59,6 +59,22 @@ def tiny_llava_onevision(
     counts of the paper setting (the README's family table) can be checked on CPU. `grid_multiples` are the anyres
     pinpoints in units of `image_size`.
     """
+    model, processor = build_llava_onevision(
+        byte_level_tokenizer(), image_size, patch_size,
+        pinpoints=[[rows * image_size, cols * image_size] for rows, cols in grid_multiples],
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=False),
+        seed=seed, attn_implementation=attn_implementation,
+    )
+    return model.eval(), processor
+
+
+def build_llava_onevision(tokenizer, image_size: int, patch_size: int, pinpoints: list[list[int]], vision: dict,
+                          text: dict, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A freshly initialised LLaVA-OneVision whose SigLIP tower and Qwen2 decoder take the config fields `vision` and
+    `text`, for `tokenizer` (with `<image>` and `<video>`), and its processor (anyres over `pinpoints`); the builder
+    of the tests, the benchmarks and the bundled model's training."""
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -67,30 +83,10 @@ def tiny_llava_onevision(
         LlavaOnevisionVideoProcessor,
     )
 
-    tokenizer = byte_level_tokenizer()
-    pinpoints = [[rows * image_size, cols * image_size] for rows, cols in grid_multiples]
     config = LlavaOnevisionConfig(
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-            vision_use_head=False,
-        ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=text_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            tie_word_embeddings=False,
-        ),
+        vision_config=dict(model_type="siglip_vision_model", image_size=image_size, patch_size=patch_size,
+                           vision_use_head=False, **vision),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), **text),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pinpoints,
@@ -98,7 +94,7 @@ def tiny_llava_onevision(
         vision_feature_select_strategy="full",
     )
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model = LlavaOnevisionForConditionalGeneration(config)
     model.set_attn_implementation(attn_implementation)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
