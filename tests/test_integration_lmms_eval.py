@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import illava
-from illava.integrations.report import merge_reports
+from illava.report import merge_reports
 from illava.tools.tiny_models import tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_vl
 
 from .conftest import random_image, tiny_ov, write_mp4

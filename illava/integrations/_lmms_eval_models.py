@@ -8,7 +8,7 @@ loops are ours, shared by all classes, because the parents' do not fit merging: 
 a time and scores a loglikelihood against a context length counted without the image placeholders, the Qwen models
 have no loglikelihood (`qwen3_vl` no multi-round generation either), and none hands per-sample data back. Here
 requests are batched (left padding), the continuation is counted on the text, and every result carries a merge
-report (`illava.integrations.report`) that lmms-eval logs with `--log_samples` under each sample's `token_counts`.
+report (`illava.report`) that lmms-eval logs with `--log_samples` under each sample's `token_counts`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import illava
 
 from ..config import IllavaConfig
 from .checkpoints import check_checkpoint
-from .report import merge_reports
+from ..report import merge_reports
 
 _IMAGE_MARKER = re.compile(r"<image(?: (\d+))?>")
 

@@ -49,7 +49,7 @@ from ..tools.cli import load_video
 from ..config import IllavaConfig
 from ..tools.default_model import DEFAULT_MODEL_PATH, SUGGESTED_SETTINGS
 from .checkpoints import check_checkpoint
-from .report import merge_reports
+from ..report import merge_reports
 
 logger = get_logger("illava")  # under VLMEvalKit's "vlmeval" logger: its console and run-log handlers
 

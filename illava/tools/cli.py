@@ -20,6 +20,7 @@ import torch
 from .. import api
 from ..config import IllavaConfig
 from ..registry import families, family_of_model_type, find_family
+from ..report import merge_summary
 from .measure import PeakMemory, stage_spans
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -233,24 +234,8 @@ def run_once(model, processor, inputs, max_new_tokens: int, device: str) -> RunR
         decode_seconds=sum(end - begin for begin, end in spans["forward"][1:]),
         new_tokens=int(new_tokens.numel()),
         peak_bytes=peak.bytes,
-        report=merge_report(model) if api.is_applied(model) else [],
+        report=merge_summary(model) if api.is_applied(model) else [],
     )
-
-
-def merge_report(model) -> list[str]:
-    trace = api.last_trace(model)
-    lines = []
-    for entry in trace.vision:
-        steps = " -> ".join(str(count) for count in entry.tokens_per_group)
-        layers = "-".join(map(str, entry.merge_layers)) or "none"
-        unit = "window" if entry.window > 1 else "crop/frame"
-        lines.append(f"ViT {entry.modality}: {entry.num_groups} x {unit}, tokens {steps} (layers {layers})")
-    for modality, counts in trace.tokens_per_item.items():
-        if counts:
-            lines.append(f"LLM receives {modality} tokens: {counts}")
-    for language in trace.language:
-        lines.append(f"LLM layer {language.layer}: visual tokens per image/video {language.visual_tokens_per_span}")
-    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

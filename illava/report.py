@@ -1,4 +1,5 @@
-"""Per-sample merge reports: how many visual tokens each stage of the last forward kept, for harness logs.
+"""What the last forward merged, for people and logs: `merge_summary` (lines for a terminal) and `merge_reports`
+(per-sample JSON data for harness logs): how many visual tokens each stage kept.
 
 A report is plain JSON data:
 
@@ -18,8 +19,25 @@ from typing import Any
 
 import torch
 
-from ..api import is_applied, last_trace
-from ..trace import IllavaTrace
+from .api import is_applied, last_trace
+from .trace import IllavaTrace
+
+
+def merge_summary(model) -> list[str]:
+    """One line per vision-encoder call, per modality the LLM receives, and per LLM merge layer."""
+    trace = last_trace(model)
+    lines = []
+    for entry in trace.vision:
+        steps = " -> ".join(str(count) for count in entry.tokens_per_group)
+        layers = "-".join(map(str, entry.merge_layers)) or "none"
+        unit = "window" if entry.window > 1 else "crop/frame"
+        lines.append(f"ViT {entry.modality}: {entry.num_groups} x {unit}, tokens {steps} (layers {layers})")
+    for modality, counts in trace.tokens_per_item.items():
+        if counts:
+            lines.append(f"LLM receives {modality} tokens: {counts}")
+    for language in trace.language:
+        lines.append(f"LLM layer {language.layer}: visual tokens per image/video {language.visual_tokens_per_span}")
+    return lines
 
 
 def merge_reports(model, input_ids: torch.Tensor) -> list[dict[str, Any]]:
