@@ -65,6 +65,7 @@ def merge_packed(
     options: dict,
     attention_cu_seqlens: torch.Tensor | None = None,
     prefix: int = 0,
+    combine_scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One merge step on packed `hidden [N, D]` with rotated `query`/`key [N, heads, head_dim]`.
 
@@ -73,6 +74,8 @@ def merge_packed(
     tokens of windows of different sizes compare fairly; then every merge segment loses its lowest units, the way
     `options` (`IllavaConfig.merge_options`) say. The first `prefix` tokens of every segment (DINOv3's CLS and
     registers) attend and are attended to but are no units: they never merge and are not counted.
+    `combine_scores` maps the `[N]` scores of the heads this process holds to those of all heads (tensor
+    parallelism: every rank must choose the same survivors).
     Updates `run` (boundaries, origins, positions, sources, counts, windows, followers) and returns the packed
     survivors.
     """
@@ -84,7 +87,10 @@ def merge_packed(
 
     def unit_scores():
         boundaries = cu_seqlens if attention_cu_seqlens is None else attention_cu_seqlens
-        scores, _, _ = pad_segments(attention_mass(query, key, scale, boundaries), cu_seqlens)
+        received = attention_mass(query, key, scale, boundaries)
+        if combine_scores is not None:
+            received = combine_scores(received)
+        scores, _, _ = pad_segments(received, cu_seqlens)
         return scores[:, prefix:].reshape(segments, patches // unit, unit).mean(dim=-1)
 
     # a 2x2 window moves as one token

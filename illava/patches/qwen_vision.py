@@ -72,21 +72,13 @@ class QwenVisionStage(VisionStage):
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         device = (args[0] if args else kwargs["hidden_states"]).device
         side = self.visual.spatial_merge_size
-        unit_grids = torch.repeat_interleave(grid_thw[:, 1:] // side, grid_thw[:, 0], dim=0)
-        lengths = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-        run = start_packed(cu_seqlens, unit_grids.to(device), self.unit, self.config.illava_track_vit_source,
-                           grid_thw=grid_thw, modality=self.call.modality)
-        units = int(lengths.sum()) // self.unit
-        if self.full_attention_blocks is None:
-            self.window_index = torch.arange(units, device=device)
-            return run
-        self.window_index, cu_window_seqlens = compat.get_vision_window_index(
-            grid_thw, spatial_merge_size=side, window_size=self.visual.window_size, patch_size=self.visual.patch_size
-        )
-        self.window_index = self.window_index.to(device)
-        window_lengths = (cu_window_seqlens[1:] - cu_window_seqlens[:-1]).to(device)
-        run.window_of_token = torch.repeat_interleave(torch.arange(window_lengths.numel(), device=device), window_lengths)
+        windows = None
+        if self.full_attention_blocks is not None:
+            windows = compat.get_vision_window_index(grid_thw, spatial_merge_size=side,
+                                                     window_size=self.visual.window_size,
+                                                     patch_size=self.visual.patch_size)
+        run, self.window_index = start_qwen_run(grid_thw, side, device, self.config.illava_track_vit_source, windows,
+                                                modality=self.call.modality)
         return run
 
     def capture(self, block):
@@ -151,9 +143,7 @@ class QwenVisionStage(VisionStage):
         return self._full_units(run, pooled)
 
     def _full_units(self, run: VisionRun, features: torch.Tensor) -> torch.Tensor:
-        full = features.new_zeros(self.window_index.numel(), features.shape[-1])
-        full[run.origin[:: self.unit] // self.unit] = features
-        return full
+        return full_units(run, features, self.window_index.numel(), self.unit)
 
     def _follow(self, module, args, features):
         """A DeepStack merger's output (one row per current window): later merges apply to it as well; the
@@ -205,6 +195,33 @@ class QwenVisionStage(VisionStage):
         if kwargs.get("max_seqlen") is not None:
             kwargs["max_seqlen"] = int((boundaries[1:] - boundaries[:-1]).max())
         return args, kwargs
+
+
+def start_qwen_run(grid_thw: torch.Tensor, side: int, device: torch.device, track_sources: bool,
+                   windows: tuple[torch.Tensor, torch.Tensor] | None = None, **layout) -> tuple[VisionRun, torch.Tensor]:
+    """The run of one call of a Qwen vision tower on `grid_thw [n, 3]` (in patches), in units of side x side
+    patches. `windows`: Qwen2.5-VL's attention windows as the tower orders them, `(window_index [units],
+    cu_window_seqlens [windows + 1] in tokens)`. Returns the run and the window index (which raster unit each unit of
+    the tower's order is; the identity without windows)."""
+    unit = side * side
+    unit_grids = torch.repeat_interleave(grid_thw[:, 1:] // side, grid_thw[:, 0], dim=0)
+    lengths = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+    run = start_packed(cu_seqlens, unit_grids.to(device), unit, track_sources, grid_thw=grid_thw, **layout)
+    if windows is None:
+        return run, torch.arange(int(lengths.sum()) // unit, device=device)
+    window_index, cu_window_seqlens = windows
+    window_lengths = (cu_window_seqlens[1:] - cu_window_seqlens[:-1]).to(device)
+    run.window_of_token = torch.repeat_interleave(torch.arange(window_lengths.numel(), device=device), window_lengths)
+    return run, window_index.to(device)
+
+
+def full_units(run: VisionRun, features: torch.Tensor, units: int, unit: int) -> torch.Tensor:
+    """`features` of the current units -> `[units, D]` in the tower's unit order, zeros where units were merged
+    away."""
+    full = features.new_zeros(units, features.shape[-1])
+    full[run.origin[::unit] // unit] = features
+    return full
 
 
 def patch_vlm(state: IllavaState, model, inner, language_merger, videos_per_slice: bool = False) -> QwenVisionStage:

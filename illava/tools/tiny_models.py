@@ -131,18 +131,20 @@ def tiny_qwen2_vl(
     attn_implementation: str = "sdpa",
     seed: int = 0,
     model_class: str = "Qwen2VLForConditionalGeneration",
+    text_width: int = 64,
 ):
     """A random-weight Qwen2-VL (or Qwen2.5-VL with `model_class="Qwen2_5_VLForConditionalGeneration"`) and its
-    processor: patch 14, 2x2 spatial merge, temporal patch 2; images of up to `max_pixels` pixels."""
+    processor: patch 14, 2x2 spatial merge, temporal patch 2; images of up to `max_pixels` pixels. The language
+    model has 4 heads of `text_width / 4` (vLLM's CPU attention takes heads of 32 and more: `text_width=128`)."""
     import transformers
 
     tokenizer = byte_level_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     qwen25 = model_class.startswith("Qwen2_5")
-    vision = dict(depth=vision_depth, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+    vision = dict(depth=vision_depth, hidden_size=text_width, num_heads=2, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3)
     if qwen25:
-        vision.update(intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[2, 5])
+        vision.update(intermediate_size=64, out_hidden_size=text_width, window_size=56, fullatt_block_indexes=[2, 5])
         vision["hidden_size"] = 32
     else:
         vision.update(embed_dim=32, mlp_ratio=2)
@@ -150,9 +152,10 @@ def tiny_qwen2_vl(
     config = config_class(
         vision_config=vision,
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+            num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [2 * text_width // 64, 3 * text_width // 64, 3 * text_width // 64]},
             bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         ),
         image_token_id=ids["<|image_pad|>"],
@@ -185,6 +188,7 @@ def tiny_qwen3_vl(
     seed: int = 0,
     moe: bool = False,
     qwen3_5: bool = False,
+    text_width: int = 64,
 ):
     """A random-weight Qwen3-VL (or Qwen3-VL-MoE with `moe=True`) and its processor: patch 16, 2x2 spatial merge,
     temporal patch 2, learned position embeddings on an 8x8 grid, DeepStack features from `deepstack_layers`
@@ -192,18 +196,21 @@ def tiny_qwen3_vl(
     (pass `video_metadata` for the timestamps).
 
     `qwen3_5=True`: Qwen3.5 (or Qwen3.5-MoE): the same vision tower without DeepStack, and a language model of
-    three Gated-DeltaNet (linear attention) layers per full-attention layer."""
+    three Gated-DeltaNet (linear attention) layers per full-attention layer. The language model has 4 heads of
+    `text_width / 4` (vLLM's CPU attention takes heads of 32 and more: `text_width=128`)."""
     import transformers
 
     tokenizer = byte_level_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=text_width,
                   num_position_embeddings=64, deepstack_visual_indexes=list(deepstack_layers))
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
-                                 "mrope_interleaved": True},
+    scale = text_width // 64
+    text = dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+                num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=text_width // 4,
+                max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [4 * scale, 2 * scale, 2 * scale], "mrope_interleaved": True},
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)

