@@ -263,6 +263,23 @@ def media_positions(grid_thw: Sequence[int], side: int, **timing) -> torch.Tenso
     return positions
 
 
+def prompt_positions(prompt_length: int, media: Sequence[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
+    """A prompt's M-RoPE positions `[3, prompt_length]` and the delta decoding continues with, `media` being
+    `(offset, placeholders, extent)` of each image / video in prompt order. Text positions are exact: a medium
+    advances them by its extent, whichever windows survive; its placeholders get its first position until the
+    embeddings bring the survivors' own (`recompute_mrope_positions`)."""
+    columns, position, start = [], 0, 0
+    for offset, placeholders, extent in media:
+        columns.append(torch.arange(offset - start) + position)
+        position += offset - start
+        columns.append(torch.full((placeholders,), position))
+        position += extent
+        start = offset + placeholders
+    columns.append(torch.arange(prompt_length - start) + position)
+    position += prompt_length - start
+    return torch.cat(columns).long().expand(3, -1).clone(), position - prompt_length
+
+
 class _IllavaModel:
     """What both model classes add to vLLM's: the stage on the tower, and the surviving windows handed to the
     language model with their positions."""
@@ -286,6 +303,22 @@ class _IllavaModel:
             config.validate_vit(len(self.visual.blocks))
             self.illava_config = config
             self.illava_stage = VllmQwenVisionStage(IllavaState(config), self.visual)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        if self.illava_stage is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        side = self.config.vision_config.spatial_merge_size
+        media = []
+        for feature in sorted(mm_features, key=lambda feature: feature.mm_position.offset):
+            grid = feature.data[f"{feature.modality}_grid_thw"].data.tolist()
+            extent = int(media_positions(grid, side, **self._timing(feature.modality, feature.data))[0, 3])
+            media.append((feature.mm_position.offset, feature.mm_position.length, extent))
+        return prompt_positions(len(input_tokens), media)
+
+    def _timing(self, modality: str, data) -> dict:
+        """`compute_mrope_for_media`'s timing keywords of a medium (Qwen2.5-VL videos: seconds per temporal
+        patch)."""
+        return {}
 
     def _survivors(self, embeddings: Sequence[torch.Tensor], grids: list[list[int]], what: str,
                    timings: Sequence[dict] | None = None, extra_channels: int = 0) -> tuple[torch.Tensor, ...]:
@@ -348,11 +381,20 @@ class IllavaQwen2_5_VL(_IllavaModel, Qwen2_5_VLForConditionalGeneration):
             return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
         grids = video_input["video_grid_thw"].tolist()
         seconds = video_input.get("second_per_grid_ts")
-        tokens_per_second = self.config.vision_config.tokens_per_second
-        timings = [dict(tokens_per_second=tokens_per_second,
-                        video_second_per_grid=float(seconds[index]) if seconds is not None else 1.0)
+        timings = [self._video_timing(None if seconds is None else float(seconds[index]))
                    for index in range(len(grids))]
         return self._survivors(video_embeds_split, grids, "video", timings)
+
+    def _timing(self, modality, data):
+        if modality != "video":
+            return {}
+        seconds = data.get("second_per_grid_ts")
+        return self._video_timing(None if seconds is None else float(seconds.data))
+
+    def _video_timing(self, seconds_per_grid: float | None) -> dict:
+        # as vLLM's positions: the temporal index times seconds per temporal patch times tokens per second
+        return dict(tokens_per_second=self.config.vision_config.tokens_per_second,
+                    video_second_per_grid=1.0 if seconds_per_grid is None else seconds_per_grid)
 
 
 class IllavaQwen3VLProcessor(Qwen3VLMultiModalProcessor):
