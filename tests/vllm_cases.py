@@ -31,7 +31,11 @@ def media(seed: int = 0) -> dict:
 
 
 def case(name: str) -> tuple[str, dict]:
-    """(prompt, media by modality) of a named request."""
+    """(prompt, media by modality) of a named request; "long_" before a name: its prompt with 40 more words after
+    it, so that its prefix fills cache blocks."""
+    if name.startswith("long_"):
+        prompt, data = case(name[len("long_"):])
+        return prompt + " and then" * 20, data
     items = media()
     if name == "image":
         return IMAGE + "describe", {"image": [items["image"]]}
@@ -52,23 +56,26 @@ def vllm_request(name: str) -> dict:
     if "video" in data:
         frames = data["video"]
         metadata = {"fps": FPS, "frames_indices": list(range(len(frames))), "total_num_frames": len(frames),
-                    "video_backend": "opencv"}
-        multi_modal_data["video"] = [(frames, metadata)]
+                    "duration": len(frames) / FPS, "video_backend": "opencv", "do_sample_frames": False}
+        multi_modal_data["video"] = (frames, metadata)
     return {"prompt": prompt, "multi_modal_data": multi_modal_data}
 
 
-def run_vllm(model: str, settings: dict | None, cases: list[str], **engine) -> list[list]:
-    """Greedy `NEW_TOKENS` for every case, sent as one batch: [tokens, cumulative log-probability, prompt length]."""
+def run_vllm(model: str, settings: dict | None, cases: list[str], one_by_one: bool = False, **engine) -> list[list]:
+    """Greedy `NEW_TOKENS` for every case, sent as one batch (or one request after the other): [tokens, cumulative
+    log-probability, prompt length, prompt tokens served from the prefix cache]."""
     from vllm import LLM, SamplingParams
 
     limits = {"image": 2, "video": 1}
     llm = LLM(model=model, enforce_eager=True, dtype="float32", max_model_len=2048, limit_mm_per_prompt=limits,
               hf_overrides={"illava": settings} if settings is not None else None, **engine)
     try:
-        outputs = llm.generate([vllm_request(name) for name in cases],
-                               SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=1), use_tqdm=False)
-        return [[list(out.outputs[0].token_ids), out.outputs[0].cumulative_logprob, len(out.prompt_token_ids)]
-                for out in outputs]
+        sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=1)
+        batches = [[name] for name in cases] if one_by_one else [cases]
+        outputs = [out for batch in batches
+                   for out in llm.generate([vllm_request(name) for name in batch], sampling, use_tqdm=False)]
+        return [[list(out.outputs[0].token_ids), out.outputs[0].cumulative_logprob, len(out.prompt_token_ids),
+                 out.num_cached_tokens or 0] for out in outputs]
     finally:
         del llm
         gc.collect()

@@ -307,13 +307,17 @@ class _IllavaModel:
     def get_mrope_input_positions(self, input_tokens, mm_features):
         if self.illava_stage is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        side = self.config.vision_config.spatial_merge_size
         media = []
         for feature in sorted(mm_features, key=lambda feature: feature.mm_position.offset):
-            grid = feature.data[f"{feature.modality}_grid_thw"].data.tolist()
-            extent = int(media_positions(grid, side, **self._timing(feature.modality, feature.data))[0, 3])
-            media.append((feature.mm_position.offset, feature.mm_position.length, extent))
+            place = feature.mm_position
+            media.append((place.offset, place.length, self._extent(feature, input_tokens)))
         return prompt_positions(len(input_tokens), media)
+
+    def _extent(self, feature, input_tokens) -> int:
+        """How far a medium advances the text position (as if nothing were merged)."""
+        grid = feature.data[f"{feature.modality}_grid_thw"].data.tolist()
+        side = self.config.vision_config.spatial_merge_size
+        return int(media_positions(grid, side, **self._timing(feature.modality, feature.data))[0, 3])
 
     def _timing(self, modality: str, data) -> dict:
         """`compute_mrope_for_media`'s timing keywords of a medium (Qwen2.5-VL videos: seconds per temporal
@@ -402,18 +406,36 @@ class IllavaQwen3VLProcessor(Qwen3VLMultiModalProcessor):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         if not _merging(self):
             return updates
-        return [
-            type(update)(modality=update.modality, target=update.target,
-                         replacement=_placeholder_counts(self, out_mm_kwargs, update.replacement, update.modality))
-            if update.modality == "image" else update
-            for update in updates
-        ]
+        replacements = {"image": _placeholder_counts(self, out_mm_kwargs, updates[0].replacement, "image"),
+                        "video": self._video_replacement(out_mm_kwargs)}
+        return [type(update)(modality=update.modality, target=update.target, replacement=replacements[update.modality])
+                for update in updates]
+
+    def _video_replacement(self, out_mm_kwargs) -> Callable:
+        """Each frame: its timestamp, vision start, one placeholder per surviving window, vision end; the whole
+        sequence is the video's placeholder range (vLLM's layout for pruned videos), its embeddings hold the
+        timestamps' and markers' own."""
+        config = settings_of(self.info.get_hf_config())
+        hf_config = self.info.get_hf_config()
+        merge_length = self.info.get_image_processor().merge_size ** 2
+
+        def replace(item_index: int):
+            item = out_mm_kwargs["video"][item_index]
+            t, h, w = (int(v) for v in item["video_grid_thw"].data)
+            kept = windows_kept(config, h * w // merge_length, f"video {item_index} ({h}x{w} patches per frame)")
+            return Qwen3VLMultiModalProcessor.get_video_repl(
+                tokens_per_frame=[kept] * t, timestamps=item["timestamps"].data, tokenizer=self.info.get_tokenizer(),
+                vision_start_token_id=hf_config.vision_start_token_id,
+                vision_end_token_id=hf_config.vision_end_token_id, video_token_id=hf_config.video_token_id,
+            )
+
+        return replace
 
 
 @MULTIMODAL_REGISTRY.register_processor(IllavaQwen3VLProcessor, info=Qwen3VLProcessingInfo,
                                         dummy_inputs=Qwen3VLDummyInputsBuilder)
 class IllavaQwen3VL(_IllavaModel, Qwen3VLForConditionalGeneration):
-    """vLLM's Qwen3-VL with iLLaVA's ViT stage (images) when the config carries its settings."""
+    """vLLM's Qwen3-VL with iLLaVA's ViT stage when the config carries its settings."""
 
     def __init__(self, *, vllm_config, prefix: str = "model"):
         self._illava_init(vllm_config, functools.partial(super().__init__, vllm_config=vllm_config, prefix=prefix))
@@ -428,7 +450,28 @@ class IllavaQwen3VL(_IllavaModel, Qwen3VLForConditionalGeneration):
     def _postprocess_video_embeds_evs(self, video_embeds_split, video_input):
         if self.illava_stage is None:
             return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
-        raise ValueError("illava: Qwen3-VL videos are not merged in vLLM yet; use images, or Qwen2.5-VL")
+        kept = self.illava_stage.take_kept("video").split([len(item) for item in video_embeds_split])
+        out = []
+        for index, (item, grid, item_kept) in enumerate(zip(video_embeds_split, video_input["video_grid_thw"].tolist(),
+                                                            kept)):
+            # vLLM's own assembly of a pruned video: the survivors between each frame's timestamp and markers,
+            # with their positions
+            out.append(self._create_final_video_embeddings(
+                video_embeddings=item[item_kept], num_tokens_per_frame=item_kept.view(grid[0], -1).sum(1).tolist(),
+                timestamps=video_input.timestamps[index], video_grid_thw=grid, retention_mask=item_kept,
+            ))
+        return tuple(out)
+
+    def _extent(self, feature, input_tokens) -> int:
+        if feature.modality != "video":
+            return super()._extent(feature, input_tokens)
+        # the whole placeholder range: per frame a timestamp, the markers and a grid as wide as its longer side
+        t, h, w = feature.data["video_grid_thw"].data.tolist()
+        side = self.config.vision_config.spatial_merge_size
+        place = feature.mm_position
+        sequence = torch.as_tensor(input_tokens[place.offset : place.offset + place.length])
+        text = int((sequence != self.config.video_token_id).sum())
+        return text + t * max(h, w) // side
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
         """vLLM's, except that an image (no video channel set) is placed with the 4-channel rule, which advances the
