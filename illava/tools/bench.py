@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16)
 QWEN2_VIT = dict(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4)
+# Qwen2.5-VL's tower: SwiGLU MLP, attention windows of 112 pixels but in four blocks, RMSNorm
+QWEN2_5_VIT = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                   fullatt_block_indexes=[7, 15, 23, 31])
 QWEN2_TEXT = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2),
@@ -66,6 +69,8 @@ GEOMETRIES = {
     "qwen2-vl-2b": ("qwen2_vl", QWEN2_VIT, QWEN2_TEXT["1.5b"], 1),
     "qwen2-vl-7b": ("qwen2_vl", QWEN2_VIT, QWEN2_TEXT["7b"], 1),
     "qwen2-vl-7b-cpu": ("qwen2_vl", QWEN2_VIT, QWEN2_TEXT["7b"], 8),
+    "qwen2.5-vl-7b": ("qwen2_vl", QWEN2_5_VIT, QWEN2_TEXT["7b"], 1),
+    "qwen2.5-vl-7b-cpu": ("qwen2_vl", QWEN2_5_VIT, QWEN2_TEXT["7b"], 8),
     "qwen3-vl-2b": ("qwen3_vl", QWEN3_VIT["2b"], QWEN3_TEXT["2b"], 1),
     "qwen3-vl-2b-cpu": ("qwen3_vl", QWEN3_VIT["2b"], QWEN3_TEXT["2b"], 8),
     "qwen3-vl-8b": ("qwen3_vl", QWEN3_VIT["8b"], QWEN3_TEXT["8b"], 1),
@@ -161,15 +166,17 @@ def build_model(geometry: str, device: str, dtype: torch.dtype, attn: str):
         head_dim = text["hidden_size"] // text["num_attention_heads"]
         section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
         section[0] += head_dim // 2 - sum(section)
-        config = transformers.Qwen2VLConfig(
-            vision_config=dict(hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2,
-                               temporal_patch_size=2, **vision),
+        windowed = "fullatt_block_indexes" in vision  # Qwen2.5-VL
+        out_width = {"out_hidden_size" if windowed else "hidden_size": text["hidden_size"]}
+        config = getattr(transformers, "Qwen2_5_VLConfig" if windowed else "Qwen2VLConfig")(
+            vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **out_width, **vision),
             text_config=dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
                              **text),
             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         )
-        model_class = transformers.Qwen2VLForConditionalGeneration
+        model_class = getattr(transformers, "Qwen2_5_VLForConditionalGeneration" if windowed
+                              else "Qwen2VLForConditionalGeneration")
     torch.manual_seed(0)
     with torch.device(device):
         model = model_class(config)
