@@ -20,6 +20,7 @@ What moved inside it:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 import transformers
 from packaging.version import Version
+from transformers import AttentionInterface
 from transformers.image_processing_utils import select_best_resolution
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -47,6 +49,8 @@ TESTED_WINDOW = f"transformers {TESTED_LOWEST} - {TESTED_NEWEST_MINOR}.x"
 
 __all__ = [
     "CACHE_KEYWORD",
+    "attention_function",
+    "attention_implementation",
     "TESTED_WINDOW",
     "cache_argument",
     "create_bidirectional_mask",
@@ -55,10 +59,12 @@ __all__ = [
     "image_features",
     "image_size_to_num_patches",
     "output_cache",
+    "register_attention",
     "select_best_resolution",
     "unpad_image",
     "video_features",
     "warn_if_untested",
+    "with_attention_implementation",
 ]
 
 LEGACY_CACHE_KEYWORD = "past_key_values"
@@ -82,6 +88,30 @@ def cache_argument(kwargs: dict[str, Any]):
 def output_cache(output):
     """The KV cache a model output returns (None when it returns none)."""
     return getattr(output, _OUTPUT_CACHE_FIELD, None)
+
+
+def attention_implementation(config) -> str | None:
+    """The attention implementation a module with this config dispatches to (`AttentionInterface` name)."""
+    return config._attn_implementation
+
+
+def with_attention_implementation(config, name: str):
+    """A shallow copy of a module's `config` that dispatches its attention to `name`: given to one module instance,
+    it changes that module only (the model's config, shared by every layer, is left as it is)."""
+    copied = copy.copy(config)
+    copied._attn_implementation_internal = name  # the setter would also walk sub-configs, which copies share
+    return copied
+
+
+def register_attention(name: str, function) -> None:
+    """Add an implementation to transformers' `AttentionInterface` (process-wide; a new name changes no model
+    until a config names it)."""
+    AttentionInterface.register(name, function)
+
+
+def attention_function(name: str):
+    """The `AttentionInterface` implementation registered under `name` (e.g. "sdpa")."""
+    return AttentionInterface()[name]
 
 
 def image_features(output) -> torch.Tensor | None:

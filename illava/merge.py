@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-# Elements of fp32 attention logits materialised at once by `attention_received` (4 MiB). Measured on CPU (one
+# Elements of fp32 attention logits materialised at once when scoring (4 MiB). Measured on CPU (one
 # thread) at 2304 tokens, 2 and 16 heads: 1.2-2.2x faster than 16 MiB chunks (cache), and a quarter of the memory.
 _SCORE_CHUNK_ELEMENTS = 1 << 20
 
@@ -225,6 +225,42 @@ def attention_received(
     `[G, N]` and does not depend on the attention backend the model runs.
     """
     num_groups, num_heads, num_tokens, _ = query.shape
+    received = torch.zeros(num_groups, num_heads, 1, num_tokens, device=query.device)
+    for start, weights, row_weight in _softmax_chunks(query, key, scale, valid):
+        received.add_(torch.matmul(row_weight.transpose(-1, -2), weights))
+    queries = valid.sum(dim=1, keepdim=True).float() if valid is not None else float(num_tokens)
+    return received.sum(dim=(1, 2)) / (num_heads * queries)
+
+
+def attend_and_score(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output softmax(q k^T * scale) v and the attention each token receives, from one pass.
+
+    For a layer that both attends and is scored: the probabilities are computed once, in fp32 chunks (as in
+    `attention_received`), for the output and the scores. `query [G, Hq, N, d]`, `key/value [G, Hk, N, d]` (no
+    padding); returns the
+    output `[G, H, N, d]` in value's dtype and the received attention `[G, N]` fp32, summed over queries and averaged
+    over heads (`attention_received` times N).
+    """
+    num_groups, num_heads, num_tokens, _ = query.shape
+    output = torch.empty(*query.shape[:-1], value.shape[-1], dtype=value.dtype, device=value.device)
+    received = torch.zeros(num_groups, num_heads, 1, num_tokens, device=query.device)
+    if value.shape[1] != num_heads:
+        value = value.repeat_interleave(num_heads // value.shape[1], dim=1)
+    value = value.float()
+    for start, weights, row_weight in _softmax_chunks(query, key, scale):
+        rows = slice(start, start + weights.shape[-2])
+        output[:, :, rows] = torch.matmul(weights, value).mul_(row_weight)
+        received.add_(torch.matmul(row_weight.transpose(-1, -2), weights))
+    return output, received.sum(dim=(1, 2)) / num_heads
+
+
+def _softmax_chunks(query, key, scale, valid=None):
+    """`(start, exp(logits - row max), 1 / row sum)` over chunks of query rows, fp32, each chunk at most
+    `_SCORE_CHUNK_ELEMENTS`: the softmax in place, never normalised into a copy. Padded queries (`valid`) get row
+    weight 0; padded keys get probability 0."""
+    num_groups, num_heads, num_tokens, _ = query.shape
     if key.shape[1] != num_heads:
         key = key.repeat_interleave(num_heads // key.shape[1], dim=1)
     key_t = key.float().transpose(-1, -2)
@@ -232,22 +268,18 @@ def attention_received(
     if valid is not None:
         key_bias = torch.zeros(num_groups, 1, 1, num_tokens, device=query.device)
         key_bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    received = torch.zeros(num_groups, num_heads, 1, num_tokens, device=query.device)
     chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, num_groups * num_heads * num_tokens))
     for start in range(0, num_tokens, chunk):
-        # softmax in place: exp(logits - max), then each query row weighted by 1 / its sum, summed over the rows
-        # by a matmul, so no normalised copy of the chunk is made
-        logits = torch.matmul(query[:, :, start : start + chunk].float(), key_t).mul_(scale)
+        weights = torch.matmul(query[:, :, start : start + chunk].float(), key_t).mul_(scale)
         if key_bias is not None:
-            logits.add_(key_bias)
-        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-        row_weight = logits.sum(dim=-1, keepdim=True).reciprocal_().transpose(-1, -2)
+            weights.add_(key_bias)
+        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
+        row_weight = weights.sum(dim=-1, keepdim=True).reciprocal_()
         if valid is not None:
-            row_weight.mul_(valid[:, None, None, start : start + chunk])
-        received.add_(torch.matmul(row_weight, logits))
-        del logits
-    queries = valid.sum(dim=1, keepdim=True).float() if valid is not None else float(num_tokens)
-    return received.sum(dim=(1, 2)) / (num_heads * queries)
+            row_weight.mul_(valid[:, None, start : start + chunk, None])
+        yield start, weights, row_weight
+        del weights
+
 
 def last_query_attention(
     query: torch.Tensor, key: torch.Tensor, scale: float, key_valid: torch.Tensor | None = None

@@ -55,8 +55,8 @@ def pad_segments(values: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.
 def merge_packed(
     run: VisionRun,
     hidden: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
+    query: torch.Tensor | None,
+    key: torch.Tensor | None,
     scale: float,
     unit: int,
     units_removed: Callable[[int], int],
@@ -66,6 +66,7 @@ def merge_packed(
     attention_cu_seqlens: torch.Tensor | None = None,
     prefix: int = 0,
     combine_scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    received: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One merge step on packed `hidden [N, D]` with rotated `query`/`key [N, heads, head_dim]`.
 
@@ -75,7 +76,8 @@ def merge_packed(
     `options` (`IllavaConfig.merge_options`) say. The first `prefix` tokens of every segment (DINOv3's CLS and
     registers) attend and are attended to but are no units: they never merge and are not counted.
     `combine_scores` maps the `[N]` scores of the heads this process holds to those of all heads (tensor
-    parallelism: every rank must choose the same survivors).
+    parallelism: every rank must choose the same survivors). `received`: those `[N]` scores when the block's own
+    attention computed them (`scored_attention`); `query` and `key` are then not needed.
     Updates `run` (boundaries, origins, positions, sources, counts, windows, followers) and returns the packed
     survivors.
     """
@@ -86,11 +88,13 @@ def merge_packed(
     patches = longest - prefix
 
     def unit_scores():
-        boundaries = cu_seqlens if attention_cu_seqlens is None else attention_cu_seqlens
-        received = attention_mass(query, key, scale, boundaries)
+        token_scores = received
+        if token_scores is None:
+            boundaries = cu_seqlens if attention_cu_seqlens is None else attention_cu_seqlens
+            token_scores = attention_mass(query, key, scale, boundaries)
         if combine_scores is not None:
-            received = combine_scores(received)
-        scores, _, _ = pad_segments(received, cu_seqlens)
+            token_scores = combine_scores(token_scores)
+        scores, _, _ = pad_segments(token_scores, cu_seqlens)
         return scores[:, prefix:].reshape(segments, patches // unit, unit).mean(dim=-1)
 
     # a 2x2 window moves as one token

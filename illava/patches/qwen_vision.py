@@ -23,6 +23,7 @@ from ..state import IllavaState
 from ..trace import VisionTrace
 from .common import EncoderCall, patch_encoding
 from .packed import merge_packed, resliced_rotary, start_packed, window_seqlens
+from .scored_attention import score_in_attention
 from .vision_stage import VisionRun, VisionStage
 
 MODALITY_OF_TOKEN_TYPE = {1: "image", 2: "video"}
@@ -82,7 +83,10 @@ class QwenVisionStage(VisionStage):
         return run
 
     def capture(self, block):
-        return self.capture_outputs(qkv=block.attn.qkv)
+        slot: dict = {}
+        if not score_in_attention(self.state, block.attn, slot):
+            slot = self.capture_outputs(qkv=block.attn.qkv)
+        return slot
 
     def finish(self, run, output):
         self._record(run)
@@ -158,20 +162,28 @@ class QwenVisionStage(VisionStage):
         attention and MLP."""
 
         def forward(block, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+            slot.clear()  # what a failed call may have left
+            slot["score"] = self.run is not None and any(
+                self.config.vit_tokens_removed(units) for units in self.run.counts[-1].tolist())
             hidden_states = hidden_states + block.attn(
                 block.norm1(hidden_states), cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs
             )
-            hidden_states = self._merge(block, hidden_states, slot.pop("qkv"), position_embeddings, cu_seqlens)
+            hidden_states = self._merge(block, hidden_states, slot, position_embeddings, cu_seqlens)
             return hidden_states + block.mlp(block.norm2(hidden_states))
 
         return forward
 
-    def _merge(self, block, hidden_states, qkv, position_embeddings, attention_cu_seqlens):
+    def _merge(self, block, hidden_states, slot, position_embeddings, attention_cu_seqlens):
+        """Scores from the block's own attention (`scored_attention`, one segment per call), or recomputed from
+        its captured qkv (flash or eager attention)."""
         run = self.run
-        heads = block.attn.num_heads
-        query, key, _ = qkv.view(hidden_states.shape[0], 3, heads, -1).unbind(1)
-        cos, sin = (part.float()[:, None, :] for part in position_embeddings)
-        query, key = merge.apply_rotary(query.float(), cos, sin), merge.apply_rotary(key.float(), cos, sin)
+        received, qkv = slot.pop("received", None), slot.pop("qkv", None)
+        query = key = None  # neither is there when the layer removes nothing
+        if received is None and qkv is not None:
+            heads = block.attn.num_heads
+            query, key, _ = qkv.view(hidden_states.shape[0], 3, heads, -1).unbind(1)
+            cos, sin = (part.float()[:, None, :] for part in position_embeddings)
+            query, key = merge.apply_rotary(query.float(), cos, sin), merge.apply_rotary(key.float(), cos, sin)
 
         def describe(segment):
             rows, cols = (int(v) for v in run.grids[segment])
@@ -180,7 +192,7 @@ class QwenVisionStage(VisionStage):
         return merge_packed(
             run, hidden_states, query, key, block.attn.scaling, self.unit, self.config.vit_tokens_removed, describe,
             setting=self.describe_setting(), options=self.config.merge_options("vit"),
-            attention_cu_seqlens=attention_cu_seqlens,
+            attention_cu_seqlens=attention_cu_seqlens, received=None if received is None else torch.cat(received),
         )
 
     def reslice(self, index, args, kwargs):
