@@ -1,5 +1,6 @@
 """Benchmark bookkeeping: FLOPs formulas on known small cases and token counts from the trace (no timings)."""
 
+import json
 import sys
 
 import pytest
@@ -62,6 +63,9 @@ def test_video_sweep_reports_frames_and_budget(monkeypatch):
         ("baseline", 2), ("video (paper)", 2), ("baseline", 3), ("video (paper)", 3)]
     assert rows[1]["visual_tokens"]["llm_visual_input"] < rows[0]["visual_tokens"]["llm_visual_input"]
     assert largest == {"baseline": 3, "video (paper)": 3}
+    batched, _ = bench.video_sweep(model, processor, [2], None, 1, "cpu", model.dtype, batches=[2])
+    assert [(row["batch"], row["frames"]) for row in batched] == [(2, 2), (2, 2)]
+    assert batched[1]["visual_tokens"]["llm_visual_input"] == 2 * rows[1]["visual_tokens"]["llm_visual_input"]
     _, nothing_fits = bench.video_sweep(model, processor, [2], 0, 1, "cpu", model.dtype)
     assert nothing_fits == {"baseline": None, "video (paper)": None}
 
@@ -89,6 +93,23 @@ def test_qwen3_vl_geometry_runs_the_reference_settings():
     both = rows["both (VLMEvalKit, pivot)"]["visual_tokens"]
     assert both["llm_visual_input"] < 16 and len(both["llm_sequence"]) == 5
     assert both["llm_sequence"] == sorted(both["llm_sequence"], reverse=True)
+    # the packed merge (called by name inside the Qwen tower) is timed; nothing is for the baseline
+    assert rows["vit 5-8 r.10"]["merge_s"] > 0 and rows["baseline"]["merge_s"] == 0
+    assert rows["baseline"]["ratio_samples_per_s"] == 1
+
+
+def test_compile_runs_the_image_settings_again_labelled(monkeypatch, tmp_path):
+    compiled = []
+    monkeypatch.setattr(bench, "compile_in_place", compiled.append)
+    monkeypatch.setitem(bench.GEOMETRIES, "tiny-qwen3", ("qwen3_vl", dict(bench.QWEN3_VIT["2b"], depth=9, deepstack_visual_indexes=[2, 4, 8]),
+                                                        dict(bench.QWEN3_TEXT["2b"], num_hidden_layers=26), 16))
+    bench.main(["--geometry", "tiny-qwen3", "--image-size", "64", "--repeats", "1", "--new-tokens", "2",
+                "--compile", "--output_dir", str(tmp_path)])
+    assert len(compiled) == 1
+    rows = json.loads((tmp_path / "bench-tiny-qwen3-cpu-float32-sdpa-compiled.json").read_text())["rows"]
+    names = [row["setting"] for row in rows]
+    assert names == list(bench.SETTINGS["qwen3_vl"]) + [name + " (compiled)" for name in bench.SETTINGS["qwen3_vl"]]
+    assert rows[len(names) // 2]["ratio_prefill"] == 1  # the compiled runs' own baseline
 
 
 @pytest.mark.parametrize(

@@ -30,10 +30,11 @@ import numpy as np
 import torch
 
 from .. import api, merge
-from .cli import ATTN_IMPLEMENTATIONS, CliError, check_device_and_attention
 from ..config import IllavaConfig
+from ..patches import decoder, llava_vit, packed, packing_encoders, qwen_vision
+from ..registry import find_family
+from .cli import ATTN_IMPLEMENTATIONS, CliError, check_device_and_attention
 from .measure import PeakMemory, on_cuda, stage_spans, synchronize
-from ..patches import decoder, packed
 
 logger = logging.getLogger(__name__)
 
@@ -235,10 +236,13 @@ def prefill_flops(model, config: IllavaConfig, vit_counts: list[int], vit_groups
 
 @contextlib.contextmanager
 def merge_time(device: str):
-    """Time spent scoring and merging (both stages), summed, while the block runs."""
+    """Time spent scoring and merging (both stages), summed, while the block runs: planning, merging, re-slicing
+    and scoring in a pass of its own. Scoring that a merge layer's attention does itself (`scored_attention`) is
+    part of that layer's attention time, not counted here."""
     spent = {"seconds": 0.0}
     targets = [(merge, "attention_received"), (merge, "last_query_attention"), (merge, "plan_merge"),
-               (merge, "apply_merge"), (packed, "merge_packed"), (decoder, "_compact")]
+               (merge, "apply_merge"), (decoder, "_compact")]
+    targets += [(module, "merge_packed") for module in (packed, qwen_vision, llava_vit, packing_encoders)]
     originals = [(module, name, getattr(module, name)) for module, name in targets]
     depth = {"level": 0}
 
@@ -382,8 +386,9 @@ def _inputs_builder(model, processor, family: str, image_size: int, frames: int 
 
 
 def run_suite(model, processor, family, settings: dict, build_inputs, batches, repeats: int, new_tokens: int,
-              device: str) -> list[dict]:
-    """Medians over `repeats` rounds; within a round every setting runs once, in turn (interleaved)."""
+              device: str, label: str = "") -> list[dict]:
+    """Medians over `repeats` rounds; within a round every setting runs once, in turn (interleaved). Ratios are to
+    the first setting (the baseline) at the same batch; `label` is appended to every setting's name."""
     configs = {name: IllavaConfig(**options) if options else None for name, options in settings.items()}
     rows = []
     for batch in batches:
@@ -396,13 +401,14 @@ def run_suite(model, processor, family, settings: dict, build_inputs, batches, r
                                                   new_tokens, device))
         base = None
         for name in configs:
-            row = _median_row(name, samples[name])
+            row = _median_row(name + label, samples[name])
             base = base or row
             row["ratio_prefill"] = (base["vision_s"] + base["prefill_s"]) / (row["vision_s"] + row["prefill_s"])
             row["ratio_end_to_end"] = base["end_to_end_s"] / row["end_to_end_s"]
+            row["ratio_samples_per_s"] = row["samples_per_s"] / base["samples_per_s"]
             row["flops_predicted_speedup"] = base["flops"]["total"] / row["flops"]["total"]
             row["fraction_of_flops_limit"] = (row["ratio_prefill"] - 1) / max(row["flops_predicted_speedup"] - 1, 1e-9) \
-                if name != "baseline" else 1.0
+                if row is not base else 1.0
             row["ratio_peak_memory"] = row["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
             row["merge_share_of_prefill"] = row["merge_s"] / (row["vision_s"] + row["prefill_s"])
             rows.append(row)
@@ -419,32 +425,42 @@ def _median_row(name: str, measurements: list[Measurement]) -> dict:
     return row
 
 
-def video_sweep(model, processor, frame_counts, budget_bytes: int | None, repeats: int, device: str, dtype
-                ) -> tuple[list[dict], dict[str, int | None]]:
-    """Prefill time and peak memory per frame count, baseline vs the paper's video setting, and per setting the
-    largest frame count whose peak stayed within `budget_bytes`."""
+def video_sweep(model, processor, frame_counts, budget_bytes: int | None, repeats: int, device: str, dtype,
+                batches=(1,)) -> tuple[list[dict], dict[str, int | None]]:
+    """Prefill time and peak memory per frame count (and batch), baseline vs the paper's video setting, and per
+    setting the largest frame count whose peak stayed within `budget_bytes` (at batch 1)."""
     rows = []
     for frames in frame_counts:
         build = _inputs_builder(model, processor, "llava_onevision", 0, frames, device, dtype)
         try:
-            rows += run_suite(model, processor, "llava_onevision", VIDEO_SETTINGS, build, [1], repeats, 2, device)
+            swept = run_suite(model, processor, "llava_onevision", VIDEO_SETTINGS, build, batches, repeats, 2, device)
         except torch.cuda.OutOfMemoryError if on_cuda(device) else MemoryError:
             logger.warning("out of memory at %d frames", frames)
             break
-        for row in rows[-len(VIDEO_SETTINGS):]:
+        for row in swept:
             row["frames"] = frames
+        rows += swept
     largest = {}
     if budget_bytes is not None:
         for name in VIDEO_SETTINGS:
-            fitting = [row["frames"] for row in rows if row["setting"] == name and row["peak_bytes"] <= budget_bytes]
+            fitting = [row["frames"] for row in rows
+                       if row["setting"] == name and row["batch"] == 1 and row["peak_bytes"] <= budget_bytes]
             largest[name] = max(fitting) if fitting else None
             logger.info("%s: largest frame count within budget: %s", name, largest[name])
     return rows, largest
 
 
+def compile_in_place(model) -> None:
+    """`torch.compile` (inductor, dynamic shapes) of the vision encoder and the language model, as users compile
+    for speed; illava's merge layers and hooks run eagerly between the compiled graphs (`illava.state.eager`)."""
+    find_family(model).vision_tower(model).compile(dynamic=True)
+    model.model.language_model.compile(dynamic=True)
+
+
 def markdown_table(rows: list[dict]) -> str:
     header = ("| setting | batch | visual tokens (LLM in) | LLM seq after merge | GFLOPs | vision ms | prefill ms | "
-              "prefill speed-up | FLOPs limit | of limit | decode tok/s | samples/s | merge share | peak MiB | mem ratio |")
+              "prefill speed-up | FLOPs limit | of limit | decode tok/s | samples/s | samples/s ratio | merge share | "
+              "peak MiB | mem ratio |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         tokens = row["visual_tokens"]
@@ -453,7 +469,8 @@ def markdown_table(rows: list[dict]) -> str:
             f"{tokens['llm_visual_input']} | {tokens['llm_sequence'][-1]} | {row['flops']['total'] / 1e9:.1f} | "
             f"{row['vision_s'] * 1e3:.0f} | {row['prefill_s'] * 1e3:.0f} | {row['ratio_prefill']:.2f}x | "
             f"{row['flops_predicted_speedup']:.2f}x | {row['fraction_of_flops_limit']:.0%} | "
-            f"{row['decode_tokens_per_s']:.1f} | {row['samples_per_s']:.2f} | {row['merge_share_of_prefill']:.1%} | "
+            f"{row['decode_tokens_per_s']:.1f} | {row['samples_per_s']:.2f} | {row['ratio_samples_per_s']:.2f}x | "
+            f"{row['merge_share_of_prefill']:.1%} | "
             f"{row['peak_bytes'] / 2**20:.0f} | {row['ratio_peak_memory']:.2f} |"
         )
     return "\n".join(lines)
@@ -531,6 +548,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated frame counts for the video sweep")
     parser.add_argument("--memory-budget-gib", type=positive_float, default=None,
                         help="report the largest frame count of the video sweep that fits")
+    parser.add_argument("--compile", action="store_true",
+                        help="after the eager runs, torch.compile the vision encoder and the language model "
+                             "(inductor, dynamic shapes) and run the image settings again")
     parser.add_argument("--output_dir", default="benchmarks/results")
     args = parser.parse_args(argv)
     # everything that can be checked is, before minutes of building a model
@@ -557,10 +577,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.video_frames:
         budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
         video_rows, largest = video_sweep(model, processor, args.video_frames, budget, args.repeats, args.device,
-                                          dtype)
+                                          dtype, args.batches)
+    if args.compile:
+        compile_in_place(model)
+        rows += run_suite(model, processor, family, SETTINGS[family], build_inputs, args.batches, args.repeats,
+                          args.new_tokens, args.device, label=" (compiled)")
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{args.geometry}-{args.device}-{args.dtype}-{args.attn}"
+    stem = f"bench-{args.geometry}-{args.device}-{args.dtype}-{args.attn}{'-compiled' if args.compile else ''}"
     machine = {"device": torch.cuda.get_device_name(args.device) if on_cuda(args.device) else "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     (output / f"{stem}.json").write_text(json.dumps(
