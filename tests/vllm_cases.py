@@ -53,11 +53,11 @@ def vllm_request(name: str) -> dict:
     multi_modal_data = {}
     if "image" in data:
         multi_modal_data["image"] = data["image"] if len(data["image"]) > 1 else data["image"][0]
-    if "video" in data:
-        frames = data["video"]
-        metadata = {"fps": FPS, "frames_indices": list(range(len(frames))), "total_num_frames": len(frames),
-                    "duration": len(frames) / FPS, "video_backend": "opencv", "do_sample_frames": False}
-        multi_modal_data["video"] = (frames, metadata)
+    if "video" in data:  # each video: (frames [T, H, W, 3], its metadata)
+        videos = [(frames, {"fps": FPS, "frames_indices": list(range(len(frames))), "total_num_frames": len(frames),
+                            "duration": len(frames) / FPS, "video_backend": "opencv", "do_sample_frames": False})
+                  for frames in data["video"]]
+        multi_modal_data["video"] = videos if len(videos) > 1 else videos[0]
     return {"prompt": prompt, "multi_modal_data": multi_modal_data}
 
 

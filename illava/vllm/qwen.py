@@ -38,7 +38,7 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.video_prune.evs import compute_mrope_for_media, recompute_mrope_positions
+from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
 from ..config import IllavaConfig
 from ..patches.packed import merge_packed, resliced_rotary, window_seqlens
@@ -443,8 +443,8 @@ class IllavaQwen3VL(_IllavaModel, Qwen3VLForConditionalGeneration):
     def _postprocess_image_embeds_evs(self, image_embeds_split, image_input):
         if self.illava_stage is None:
             return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)
-        # Qwen3-VL's media carry 5 position channels: (t, h, w, extent, 0); `recompute_mrope_positions` reads
-        # an image's extent from the 4th
+        # Qwen3-VL's media carry 5 position channels, an image's (t, h, w, extent, 0); a video's (t, h, w, vision
+        # start, video token) come from vLLM (`_create_final_video_embeddings`)
         return self._survivors(image_embeds_split, image_input["image_grid_thw"].tolist(), "image", extra_channels=1)
 
     def _postprocess_video_embeds_evs(self, video_embeds_split, video_input):
@@ -462,6 +462,21 @@ class IllavaQwen3VL(_IllavaModel, Qwen3VLForConditionalGeneration):
             ))
         return tuple(out)
 
+    def _get_expanded_positions(self, *args, **kwargs):
+        """vLLM's positions of a pruned video's tokens, which it reads from `get_mrope_input_positions` over the
+        video's unpruned sequence: vLLM's own there (this class's gives placeholders their medium's first
+        position, for the prompts whose media it merged)."""
+        self._unpruned_positions = True
+        try:
+            return super()._get_expanded_positions(*args, **kwargs)
+        finally:
+            self._unpruned_positions = False
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        if getattr(self, "_unpruned_positions", False):
+            return Qwen3VLForConditionalGeneration.get_mrope_input_positions(self, input_tokens, mm_features)
+        return super().get_mrope_input_positions(input_tokens, mm_features)
+
     def _extent(self, feature, input_tokens) -> int:
         if feature.modality != "video":
             return super()._extent(feature, input_tokens)
@@ -474,23 +489,38 @@ class IllavaQwen3VL(_IllavaModel, Qwen3VLForConditionalGeneration):
         return text + t * max(h, w) // side
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        """vLLM's, except that an image (no video channel set) is placed with the 4-channel rule, which advances the
-        text by the extent the image carries, not by its largest surviving position."""
+        """The placeholders of this step's media (or parts of media) at their own positions: the medium's first
+        position plus the positions its embeddings carry; text positions are exact already
+        (`get_mrope_input_positions`) and stay. vLLM's `recompute_mrope_positions` (EVS) does not serve here: it
+        finds a video from the vision start after its first timestamp, which transformers >= 5.10's prompts
+        precede with the outer vision start, and it places the rest of a video cut by a prefill chunk or a
+        prefix-cache hit as if its timestamps and markers were not among the embeddings' rows."""
         if self.illava_stage is None:
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
-        device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
-        ids = torch.as_tensor(input_ids, device=device).long()
-        embeddings, positions = [], []
-        for item in multimodal_embeddings:
-            channels = item[:, -5:].permute(1, 0).long()
+        config = self.config
+        ids = torch.as_tensor(input_ids).long().cpu()
+        positions = mrope_positions.clone()
+        embeddings, cursor = [], num_computed_tokens
+        for index, item in enumerate(multimodal_embeddings):
             embeddings.append(item[:, :-5])
-            positions.append(channels if bool(channels[4].any()) else channels[:4])
-        new_positions, delta = recompute_mrope_positions(
-            ids, positions, mrope_positions, num_computed_tokens, self.config.vision_start_token_id,
-            self.config.image_token_id, self.config.video_token_id,
-        )
-        return embeddings, new_positions, delta
+            channels = item[:, -5:].permute(1, 0).long().cpu()
+            if bool(channels[4].any()):  # a video: its frames' timestamps, markers and surviving windows
+                if index == 0 and bool(channels[:3, 0].any()):  # the rest of a video (only its first token is 0)
+                    start = cursor
+                else:  # `before` tokens (the first timestamp) before its first frame's vision start
+                    before = int(channels[3].nonzero()[0, 0])
+                    frame_starts = (ids[:-1] == config.vision_start_token_id) & (ids[1:] == config.video_token_id)
+                    start = cursor + int(frame_starts[cursor + before :].nonzero()[0, 0])
+            elif index == 0 and 0 < cursor < len(ids) and int(ids[cursor - 1]) == config.image_token_id == int(
+                    ids[cursor]):  # the rest of an image
+                start = cursor
+            else:
+                start = int((ids[cursor:] == config.image_token_id).nonzero()[0, 0]) + cursor
+            base = positions[0, start].item()  # a medium's placeholders hold its first position until here
+            positions[:, start : start + channels.shape[1]] = (channels[:3] + base).to(positions.device)
+            cursor = start + channels.shape[1]
+        return embeddings, positions, int(positions.max().item()) + 1 - ids.numel()
 
 
 __all__ = ["IllavaQwen2_5_VL", "IllavaQwen3VL", "settings_of"]
