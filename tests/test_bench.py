@@ -147,3 +147,15 @@ def test_cuda_device_with_an_index_is_synchronised(monkeypatch):
     measure.synchronize("cuda:1")
     measure.synchronize("cpu")
     assert synchronised == [True]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc")
+def test_memory_kept_from_before_counts_again_inside_memory_returned_to_os():
+    kept = [torch.ones(8 * 2**20) for _ in range(4)]  # 4 x 32 MiB, freed: the allocator may keep it resident
+    del kept
+    with measure.memory_returned_to_os():
+        before = measure.PeakMemory._rss()
+        block = torch.ones(8 * 2**20)
+        held = measure.PeakMemory._rss()
+        del block
+    assert held - before > 24 * 2**20, (before, held)

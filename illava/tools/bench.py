@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from ..config import IllavaConfig
 from ..patches import decoder, llava_vit, packed, packing_encoders, qwen_vision
 from ..registry import find_family
 from .cli import ATTN_IMPLEMENTATIONS, CliError, check_device_and_attention
-from .measure import PeakMemory, on_cuda, stage_spans, synchronize
+from .measure import PeakMemory, memory_returned_to_os, on_cuda, stage_spans, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -284,14 +283,16 @@ class Measurement:
 
 
 def measure_once(model, processor, family, build_inputs, config: IllavaConfig | None, batch: int, new_tokens: int,
-                 device: str) -> Measurement:
-    """One timed generate(): vision encoder (hooks), prefill (first forward), decode (the rest)."""
+                 device: str, memory: bool = False) -> Measurement:
+    """One timed generate(): vision encoder (hooks), prefill (first forward), decode (the rest). `memory`: its
+    peak memory instead (its timings are then not representative: see `memory_returned_to_os`)."""
     if config is not None:
         api.apply(model, config, processor=processor)
     try:
         inputs = build_inputs(batch)
-        with torch.no_grad(), stage_spans(model, device) as spans, PeakMemory(device) as peak, \
-                merge_time(device) as merging:
+        peak = PeakMemory(device) if memory else contextlib.nullcontext()
+        returned = memory_returned_to_os() if memory and not on_cuda(device) else contextlib.nullcontext()
+        with torch.no_grad(), returned, stage_spans(model, device) as spans, peak, merge_time(device) as merging:
             synchronize(device)
             begin = time.perf_counter()
             model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -312,7 +313,7 @@ def measure_once(model, processor, family, build_inputs, config: IllavaConfig | 
     return Measurement(
         setting="", batch=batch, visual_tokens=visual, flops=flops, vision_s=vision, prefill_s=prefill,
         decode_tokens_per_s=batch * (new_tokens - 1) / decode if decode else float("nan"),
-        end_to_end_s=end_to_end, merge_s=merging["seconds"], peak_bytes=peak.bytes,
+        end_to_end_s=end_to_end, merge_s=merging["seconds"], peak_bytes=peak.bytes if memory else 0,
     )
 
 
@@ -387,8 +388,9 @@ def _inputs_builder(model, processor, family: str, image_size: int, frames: int 
 
 def run_suite(model, processor, family, settings: dict, build_inputs, batches, repeats: int, new_tokens: int,
               device: str, label: str = "") -> list[dict]:
-    """Medians over `repeats` rounds; within a round every setting runs once, in turn (interleaved). Ratios are to
-    the first setting (the baseline) at the same batch; `label` is appended to every setting's name."""
+    """Timings: medians over `repeats` rounds; within a round every setting runs once, in turn (interleaved).
+    Peak memory: one more run of each setting, apart (it slows allocation on CPU). Ratios are to the first setting
+    (the baseline) at the same batch; `label` is appended to every setting's name."""
     configs = {name: IllavaConfig(**options) if options else None for name, options in settings.items()}
     rows = []
     for batch in batches:
@@ -399,9 +401,12 @@ def run_suite(model, processor, family, settings: dict, build_inputs, batches, r
             for name, config in configs.items():
                 samples[name].append(measure_once(model, processor, family, build_inputs, config, batch,
                                                   new_tokens, device))
+        peaks = {name: measure_once(model, processor, family, build_inputs, config, batch, new_tokens, device,
+                                    memory=True).peak_bytes for name, config in configs.items()}
         base = None
         for name in configs:
             row = _median_row(name + label, samples[name])
+            row["peak_bytes"] = peaks[name]
             base = base or row
             row["ratio_prefill"] = (base["vision_s"] + base["prefill_s"]) / (row["vision_s"] + row["prefill_s"])
             row["ratio_end_to_end"] = base["end_to_end_s"] / row["end_to_end_s"]
@@ -419,7 +424,7 @@ def run_suite(model, processor, family, settings: dict, build_inputs, batches, r
 def _median_row(name: str, measurements: list[Measurement]) -> dict:
     first = measurements[0]
     row = {"setting": name, "batch": first.batch, "visual_tokens": first.visual_tokens, "flops": first.flops}
-    for field in ("vision_s", "prefill_s", "decode_tokens_per_s", "end_to_end_s", "merge_s", "peak_bytes"):
+    for field in ("vision_s", "prefill_s", "decode_tokens_per_s", "end_to_end_s", "merge_s"):
         row[field] = statistics.median(getattr(m, field) for m in measurements)
     row["samples_per_s"] = row["batch"] / row["end_to_end_s"]
     return row
@@ -563,10 +568,6 @@ def main(argv: list[str] | None = None) -> None:
         check_device_and_attention(args.device, args.attn, args.dtype)
     except CliError as error:
         parser.error(str(error))
-    if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and argv is None:
-        # large CPU tensors through mmap, returned to the OS when freed: the sampled peak RSS then tracks live memory
-        os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        os.execv(sys.executable, [sys.executable, "-m", "illava.tools.bench", *sys.argv[1:]])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype = getattr(torch, args.dtype)
     model, processor, family = build_model(args.geometry, args.device, dtype, args.attn)

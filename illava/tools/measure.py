@@ -4,6 +4,9 @@ CPU) and the wall-clock spans of a model's vision-encoder calls and forwards."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import logging
 import os
 import threading
 import time
@@ -12,6 +15,12 @@ from collections.abc import Iterator
 import torch
 
 from ..registry import find_family
+
+logger = logging.getLogger(__name__)
+
+# glibc's mallopt parameters, and the values its dynamic thresholds settle at for large tensors
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_SETTLED_MMAP_THRESHOLD = 32 * 2**20
 
 
 def on_cuda(device: str | torch.device) -> bool:
@@ -58,8 +67,8 @@ class PeakMemory:
     """`with PeakMemory(device) as peak: ...`; then `peak.bytes` is the peak above the level at entry.
 
     On CPU the resident set size is sampled every half millisecond from /proc (Linux); freed memory that the
-    allocator keeps is not seen as a drop, so compare runs made in separate processes, or set
-    `MALLOC_MMAP_THRESHOLD_=65536` so large tensors go back to the OS when freed.
+    allocator keeps is not seen as a drop, so measure inside `memory_returned_to_os()` (or compare runs made in
+    separate processes).
     """
 
     def __init__(self, device: str | torch.device = "cpu"):
@@ -97,3 +106,26 @@ class PeakMemory:
         self._running = False
         self._thread.join()
         self.bytes = max(self._peak, self._rss()) - self._start
+
+
+@contextlib.contextmanager
+def memory_returned_to_os() -> Iterator[None]:
+    """While inside, a run's resident size rises by what it allocates, so `PeakMemory` on CPU sees each run's own
+    peak: on entry the free memory the allocator kept goes back to the OS (glibc's `malloc_trim`: reusing it
+    page-faults it in again), and new tensors of 64 KiB or more are mmap'ed and unmapped when freed (`mallopt`).
+    Allocation then costs page faults (on this project's CPU machine: 57 -> 73 ms per Qwen3-VL vision block, more
+    for smaller tensors): take timings outside it. Elsewhere than glibc it changes nothing.
+    """
+    library = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(library) if library else None
+    if libc is None or not hasattr(libc, "mallopt") or not libc.mallopt(_M_MMAP_THRESHOLD, 65536):
+        logger.warning("no glibc mallopt here: peak memory on CPU includes memory freed earlier in the process")
+        yield
+        return
+    libc.mallopt(_M_TRIM_THRESHOLD, 0)
+    libc.malloc_trim(0)  # free memory kept from before leaves the resident set, so reusing it counts again
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _SETTLED_MMAP_THRESHOLD)
