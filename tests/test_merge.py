@@ -126,7 +126,7 @@ def test_attention_received_grouped_query_and_padding():
 def test_attend_and_score_is_attention_and_its_received_mass(monkeypatch, heads, kv_heads):
     torch.manual_seed(0)
     query, key, value = torch.randn(2, heads, 50, 8), torch.randn(2, kv_heads, 50, 8), torch.randn(2, kv_heads, 50, 6)
-    monkeypatch.setattr(merge, "_SCORE_CHUNK_ELEMENTS", 2 * heads * 50 * 7)  # several query chunks
+    monkeypatch.setattr(merge, "_FUSED_CHUNK_ELEMENTS", 2 * heads * 50 * 7)  # several query chunks
     output, received = merge.attend_and_score(query, key, value, 0.3)
     key, value = key.repeat_interleave(heads // kv_heads, dim=1), value.repeat_interleave(heads // kv_heads, dim=1)
     probs = (query @ key.transpose(-1, -2) * 0.3).softmax(dim=-1)
