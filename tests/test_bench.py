@@ -126,6 +126,7 @@ def test_compile_runs_the_image_settings_again_labelled(monkeypatch, tmp_path):
         (["--video-frames", "8", "--memory-budget-gib", "-1"], "argument --memory-budget-gib: '-1' must be a finite"),
         (["--video-frames", "8", "--memory-budget-gib", "nan"], "argument --memory-budget-gib: 'nan' must be a finite"),
         (["--memory-budget-gib", "4"], "--memory-budget-gib applies to the video sweep"),
+        (["--video-batches", "4"], "--video-batches applies to the video sweep"),
         (["--geometry", "qwen2-vl-7b-cpu", "--video-frames", "8"], "LLaVA-OneVision geometry, not 'qwen2-vl-7b-cpu'"),
         (["--device", "nonsense"], "--device 'nonsense' is not a device torch knows"),
         (["--device", "cuda:99"], "--device 'cuda:99'"),

@@ -551,6 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=positive_int, default=8)
     parser.add_argument("--video-frames", type=positive_ints, default=[],
                         help="comma-separated frame counts for the video sweep")
+    parser.add_argument("--video-batches", type=positive_ints, default=None,
+                        help="comma-separated batch sizes for the video sweep (default: --batches)")
     parser.add_argument("--memory-budget-gib", type=positive_float, default=None,
                         help="report the largest frame count of the video sweep that fits")
     parser.add_argument("--compile", action="store_true",
@@ -562,6 +564,8 @@ def main(argv: list[str] | None = None) -> None:
     family = GEOMETRIES[args.geometry][0]
     if args.video_frames and family != "llava_onevision":
         parser.error(f"--video-frames: the video sweep uses a LLaVA-OneVision geometry, not {args.geometry!r}")
+    if args.video_batches and not args.video_frames:
+        parser.error("--video-batches applies to the video sweep: give --video-frames too")
     if args.memory_budget_gib is not None and not args.video_frames:
         parser.error("--memory-budget-gib applies to the video sweep: give --video-frames too")
     try:
@@ -578,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.video_frames:
         budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
         video_rows, largest = video_sweep(model, processor, args.video_frames, budget, args.repeats, args.device,
-                                          dtype, args.batches)
+                                          dtype, args.video_batches or args.batches)
     if args.compile:
         compile_in_place(model)
         rows += run_suite(model, processor, family, SETTINGS[family], build_inputs, args.batches, args.repeats,
