@@ -1,9 +1,9 @@
 """Prefill time and peak memory of a medium-size random-weight LLaVA-OneVision, baseline vs iLLaVA, side by side.
 
 Each setting runs in its own subprocess (so allocator state of one does not flatter another); the table reports
-medians over repeats and ratios to the baseline measured in this same run. Peak memory is the peak resident set
-size during the prefill above the resident size before it on CPU (large allocations are routed through mmap so
-freed memory leaves the resident set), `torch.cuda.max_memory_allocated` above the allocated size on CUDA.
+medians over repeats and ratios to the baseline measured in this same run. Peak memory, from one more prefill apart,
+is the peak resident set size above the resident size before it on CPU (inside
+`illava.tools.measure.memory_returned_to_os`), `torch.cuda.max_memory_allocated` above the allocated size on CUDA.
 
     python benchmarks/prefill.py                        # CPU, 768x768 image, 3 repeats
     python benchmarks/prefill.py --device cuda --dtype bfloat16 --image-size 1152
@@ -12,6 +12,7 @@ freed memory leaves the resident set), `torch.cuda.max_memory_allocated` above t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -72,7 +73,7 @@ def measure(setting: str, device: str, dtype: str, image_size: int, repeats: int
     from PIL import Image
 
     import illava
-    from illava.tools.measure import PeakMemory
+    from illava.tools.measure import PeakMemory, memory_returned_to_os
 
     torch.set_num_threads(threads)
     model, processor = build_medium_model(device, dtype)
@@ -91,21 +92,14 @@ def measure(setting: str, device: str, dtype: str, image_size: int, repeats: int
             torch.cuda.synchronize()
 
     prefill()  # warm-up
-    seconds, peaks = [], []
+    seconds = []
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            start = time.perf_counter()
-            prefill()
-            seconds.append(time.perf_counter() - start)
-            peaks.append(torch.cuda.max_memory_allocated() - before)
-        else:
-            with PeakMemory("cpu") as peak:
-                start = time.perf_counter()
-                prefill()
-                seconds.append(time.perf_counter() - start)
-            peaks.append(peak.bytes)
+        start = time.perf_counter()
+        prefill()
+        seconds.append(time.perf_counter() - start)
+    # memory in a run of its own: on CPU, giving freed memory back to the OS slows allocation
+    with memory_returned_to_os() if device == "cpu" else contextlib.nullcontext(), PeakMemory(device) as peak:
+        prefill()
     trace = illava.last_trace(model) if illava.is_applied(model) else None
     llm_tokens = int(inputs["input_ids"].shape[1])
     if trace is not None and trace.language:
@@ -115,7 +109,7 @@ def measure(setting: str, device: str, dtype: str, image_size: int, repeats: int
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "tokens_after_last_llm_merge": llm_tokens,
         "seconds": statistics.median(seconds),
-        "peak_bytes": statistics.median(peaks),
+        "peak_bytes": peak.bytes,
     }
 
 
@@ -133,13 +127,11 @@ def main(argv=None) -> None:
     if args.only:
         print(json.dumps(measure(args.only, args.device, args.dtype, args.image_size, args.repeats, args.threads)))
         return
-    # Large CPU tensors go through mmap and back to the OS when freed, so resident size tracks live memory.
-    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     rows = []
     for setting in SETTINGS:
         output = subprocess.run(
             [sys.executable, __file__, *common, f"--only={setting}"],
-            check=True, capture_output=True, text=True, env=environment,
+            check=True, capture_output=True, text=True,
         ).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
     base = rows[0]
