@@ -387,8 +387,9 @@ class LanguageModelMerger:
 
         return hook
 
-    def _scores(self, run: _Prefill, layer_index: int, layout: Layout) -> torch.Tensor:
-        """`[B, L']` at the slots of `layout`: the scoring layer's attention of the last prompt token."""
+    def _scores(self, run: _Prefill, layer_index: int) -> torch.Tensor:
+        """`[B, L']` at the slots of the current layout: the scoring layer's attention of the last prompt token."""
+        layout = run.current()
         scoring = self.scoring_layer[layer_index]
         if scoring not in run.scores:
             run.scores[scoring] = self._last_token_attention(scoring, run.capture.pop(scoring), run.length)
@@ -416,7 +417,7 @@ class LanguageModelMerger:
 
     def _merge(self, run: _Prefill, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         layout = run.current()
-        scores = self._scores(run, layer_index, layout)
+        scores = self._scores(run, layer_index)
         # The last visual token of a span predicts the text after it (a caller's loglikelihood reads that logit):
         # it always survives, as its own token or as the one its group merges into. "shift" ignores scores and
         # always merges the last token away, so there the last token stays out of the candidates instead.
