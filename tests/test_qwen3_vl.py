@@ -428,15 +428,19 @@ def test_qwen3_5_several_new_tokens_on_a_merged_cache(qwen3_5):
 
 
 @pytest.mark.parametrize("mode", ["drop", "shift", "pivot"])
-def test_qwen3_5_modes_give_the_counts_of_the_default_merge_and_generate_as_replayed(qwen3_5, mode):
+def test_qwen3_5_modes_give_the_counts_of_the_default_merge_and_generate_as_replayed(qwen3_5, mode, tmp_path):
     model, processor = qwen3_5
     counts = {}
     for name in ("merge", mode):
         with illava.applied(model, processor=processor, **VIT, enable_illava_llm=True, illava_llm_k="4-7",
-                            illava_llm_r=0.5, illava_llm_mode=name, illava_pc_ratio=0.3):
+                            illava_llm_r=0.5, illava_llm_mode=name, illava_pc_ratio=0.3,
+                            illava_track_vit_source=True, illava_track_llm_source=True):
             inputs = sample_inputs(processor)
             tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-            counts[name] = [layer.visual_tokens_per_span for layer in illava.last_trace(model).language]
+            trace = illava.last_trace(model)
+            counts[name] = [layer.visual_tokens_per_span for layer in trace.language]
+            assert any(path.name.startswith("attention_map_llm_layer_")
+                       for path in write_heatmaps(model, processor, inputs, trace, tmp_path / name))
             assert torch.equal(tokens, model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False))
     assert counts[mode] == counts["merge"] == [[4, 6], [2, 3]]  # of 9 image and 12 video tokens
 
