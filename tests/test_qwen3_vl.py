@@ -427,6 +427,19 @@ def test_qwen3_5_several_new_tokens_on_a_merged_cache(qwen3_5):
     torch.testing.assert_close(continued, full[:, length:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("options", [dict(num_beams=2, num_return_sequences=2), dict(num_return_sequences=2, do_sample=True)])
+def test_qwen3_5_beams_and_repeated_rows_generate_as_without_cache(qwen3_5, options):
+    """Beam search reorders the cache's rows (recurrent and conv states too) and the merge plan with them."""
+    model, processor = qwen3_5
+    inputs = processor(images=[random_image(100, 150), random_image(84, 84, seed=3)],
+                       text=[IMAGE + "describe", "a longer text " + IMAGE + "it"], padding=True, return_tensors="pt")
+    with illava.applied(model, processor=processor, enable_illava_llm=True, illava_llm_k="4-7", illava_llm_r=0.6):
+        torch.manual_seed(0)
+        cached = model.generate(**inputs, max_new_tokens=5, **options)
+        torch.manual_seed(0)
+        assert torch.equal(cached, model.generate(**inputs, max_new_tokens=5, use_cache=False, **options))
+
+
 @pytest.mark.parametrize("mode", ["drop", "shift", "pivot"])
 def test_qwen3_5_modes_give_the_counts_of_the_default_merge_and_generate_as_replayed(qwen3_5, mode, tmp_path):
     model, processor = qwen3_5
