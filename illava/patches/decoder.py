@@ -238,11 +238,12 @@ class LanguageModelMerger:
             else:
                 unscored.append(layer)
         if unscored:
+            advice = f"; merge at layers after {full_attention[0]}" if full_attention else ""
             raise ValueError(
                 f"illava_llm_k={'-'.join(map(str, self.config.illava_llm_k))}: layer(s) {unscored} have no "
                 f"full-attention layer before them to score the visual tokens (full-attention layers: "
                 f"{full_attention}; linear-attention layers {sorted(self.linear_attention_layers)} have no attention "
-                f"weights); merge at a layer after {full_attention[0] if full_attention else 'one'}"
+                f"weights){advice}"
             )
         return scoring
 
