@@ -208,7 +208,12 @@ def initial_sources(num_groups: int, num_tokens: int, device: torch.device | str
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, rotating the two halves of the last dimension (the Llama / Qwen convention)."""
+    """Rotary position embedding, rotating the two halves of the last dimension (the Llama / Qwen convention).
+    Where `cos` / `sin` are narrower than `x` (partial rotary, Qwen3.5), only the first dimensions they cover are
+    rotated and the rest pass unchanged."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

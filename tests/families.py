@@ -4,8 +4,9 @@ hold on every family: the contract (`test_contract.py`), threads, torch.compile.
 `FAMILIES[name]()` builds a fresh `Case`: the model, the processor to pass to `illava.apply` (None where the family
 leaves processors alone), `call(module, seed, video=False)` which runs `module` (the model, or a compiled wrapper
 of it) on the input of that seed and returns its output tensor(s), `settings` that merge in it (both stages where the
-family has a language model), the depth of its vision encoder and of its language model (None: no LLM stage), and
-`probes`: the keyword sets of `call` that together cover its inputs (images and videos)."""
+family has a language model), the depth of its vision encoder and of its language model (None: no LLM stage),
+`probes`: the keyword sets of `call` that together cover its inputs (images and videos), and the first decoder layer
+the LLM stage may merge at."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ QWEN_PROMPT = QWEN_IMAGE + "describe"
 BOTH_STAGES = dict(enable_illava_vit=True, illava_vit_k="2-3", illava_vit_r=0.3, enable_illava_llm=True,
                    illava_llm_k="2", illava_llm_r=0.5)
 VIT_STAGE = dict(enable_illava_vit=True, illava_vit_k="2-3", illava_vit_r=0.3)
+# Qwen3.5's decoder: linear-attention layers 0-2 and 4-5, full attention at 3 (scores the merge at 4)
+QWEN3_5_STAGES = dict(VIT_STAGE, enable_illava_llm=True, illava_llm_k="4", illava_llm_r=0.5)
 IMAGE_AND_VIDEO = ({"seed": 0}, {"seed": 1, "video": True})
 
 
@@ -36,6 +39,7 @@ class Case(NamedTuple):
     llm_layers: int | None
     probes: tuple[dict[str, Any], ...] = ({"seed": 0}, {"seed": 1})
     generates: bool = False  # whether `call` takes `generate=True` (greedy tokens instead of the forward's output)
+    first_llm_layer: int = 1  # after the first full-attention layer (Qwen3.5's hybrid decoder)
 
 
 def image_size(seed: int) -> tuple[int, int]:
@@ -61,8 +65,8 @@ def llava_onevision() -> Case:
 
 
 def qwen(build: Callable[[], tuple[Any, Any]], timestamps: bool = False, settings=BOTH_STAGES,
-         llm_layers: int | None = 6) -> Case:
-    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (`timestamps`: the video processor takes `video_metadata`)."""
+         first_llm_layer: int = 1) -> Case:
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 (`timestamps`: the video processor takes `video_metadata`)."""
     model, processor = build()
 
     def call(module, seed, video=False, generate=False):
@@ -75,7 +79,8 @@ def qwen(build: Callable[[], tuple[Any, Any]], timestamps: bool = False, setting
         inputs = processor(images=[random_image(*image_size(seed), seed=seed)], return_tensors="pt",
                            text=QWEN_IMAGE + QWEN_VIDEO * bool(video) + "describe", **extra)
         return run_vlm(module, inputs, generate)
-    return Case(model, processor, call, settings, 6, llm_layers, IMAGE_AND_VIDEO, generates=True)
+    return Case(model, processor, call, settings, 6, 6, IMAGE_AND_VIDEO, generates=True,
+                first_llm_layer=first_llm_layer)
 
 
 def siglip2() -> Case:
@@ -126,8 +131,8 @@ FAMILIES: dict[str, Callable[[], Case]] = {
     "qwen2_5_vl": lambda: qwen(lambda: tiny_qwen2(model_class="Qwen2_5_VLForConditionalGeneration")),
     "qwen3_vl": lambda: qwen(tiny_qwen3, timestamps=True),
     "qwen3_vl_moe": lambda: qwen(lambda: tiny_qwen3(moe=True), timestamps=True),
-    # linear-attention decoder: the ViT stage only (the LLM stage is refused by name)
-    "qwen3_5": lambda: qwen(lambda: tiny_qwen3(qwen3_5=True), timestamps=True, settings=VIT_STAGE, llm_layers=None),
+    "qwen3_5": lambda: qwen(lambda: tiny_qwen3(qwen3_5=True, rotary_fraction=0.5), timestamps=True,
+                            settings=QWEN3_5_STAGES, first_llm_layer=4),
     "siglip2": siglip2,
     "llava_vit": llava_vit,
     "aimv2": lambda: packing_encoder("aimv2"),

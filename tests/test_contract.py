@@ -339,15 +339,16 @@ def test_a_layer_beyond_the_model_is_named_and_nothing_is_left(case, stage):
     depth = case.vit_layers if stage == "vit" else case.llm_layers
     if depth is None:
         pytest.skip("no language model")
+    first = case.first_llm_layer if stage == "llm" else 1
     before = snapshot(model, processor)
-    options = dict(case.settings, **{f"enable_illava_{stage}": True, f"illava_{stage}_k": f"1-{depth}"})
-    named = rf"illava_{stage}_k=1-{depth}: layer\(s\) \[{depth}\] beyond .* {depth} layers"
+    options = dict(case.settings, **{f"enable_illava_{stage}": True, f"illava_{stage}_k": f"{first}-{depth}"})
+    named = rf"illava_{stage}_k={first}-{depth}: layer\(s\) \[{depth}\] beyond .* {depth} layers"
     with pytest.raises(ValueError, match=named):
         illava.apply(model, processor=processor, **options)
     assert not illava.is_applied(model)
     assert left_behind(before, snapshot(model, processor)) == []
     # the last layer is one the model has
-    illava.apply(model, processor=processor, **dict(options, **{f"illava_{stage}_k": f"1-{depth - 1}"}))
+    illava.apply(model, processor=processor, **dict(options, **{f"illava_{stage}_k": f"{first}-{depth - 1}"}))
     case.call(model, **case.probes[0])
 
 

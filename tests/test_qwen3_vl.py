@@ -1,5 +1,6 @@
 """Qwen3-VL / Qwen3-VL-MoE: window merging per image / frame, DeepStack features that follow the merges, true
-M-RoPE positions with the video timestamps kept, the LLM stage in the Qwen3 decoder (q/k norms, DeepStack).
+M-RoPE positions with the video timestamps kept, the LLM stage in the Qwen3 decoder (q/k norms, DeepStack) and in
+Qwen3.5's hybrid decoder (linear-attention layers, gated full attention with partial rotary).
 (Off, r=0, remove, copies and bad settings on every family, Qwen3.5 and the MoE included: `test_contract.py`.)"""
 
 import pytest
@@ -278,7 +279,7 @@ def test_moe_router_logits_are_refused_with_the_llm_stage():
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_qwen3_5_vit_stage_and_a_clear_refusal_of_the_llm_stage(moe, tmp_path):
+def test_qwen3_5_vit_stage(moe, tmp_path):
     model, processor = tiny_qwen3(qwen3_5=True, moe=moe, text_layers=4)
     with illava.applied(model, processor=processor, illava_track_vit_source=True, **VIT):
         inputs = sample_inputs(processor)
@@ -290,9 +291,171 @@ def test_qwen3_5_vit_stage_and_a_clear_refusal_of_the_llm_stage(moe, tmp_path):
         image, video = illava.last_trace(model).vision
     assert image.tokens_per_group == [15, 12, 9] and video.tokens_per_group == [12, 9, 6]
     assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 12
-    with pytest.raises(ValueError, match=r"enable_illava_llm is not supported on Qwen3_5.*linear-attention.*\[0, 1, 2\]"):
-        illava.apply(model, enable_illava_llm=True, illava_llm_k="3")
+
+
+# -- Qwen3.5: the LLM stage in a decoder of linear-attention layers 0-2, 4-6 and full attention at 3, 7 ------------
+
+
+def tiny_qwen3_5(moe=False, backend="sdpa", seed=0):
+    """8 text layers; M-RoPE rotates half of each head (real checkpoints: a quarter), the rest passes."""
+    return tiny_qwen3(qwen3_5=True, moe=moe, text_layers=8, rotary_fraction=0.5, attn_implementation=backend,
+                      seed=seed)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["dense", "moe"])
+def qwen3_5(request):
+    return tiny_qwen3_5(moe=request.param)
+
+
+@pytest.mark.parametrize("merge_layer", [4, 7], ids=["linear-attention", "full-attention"])
+def test_qwen3_5_scores_are_the_last_token_attention_of_the_full_attention_layer_before(merge_layer):
+    """Merging at a linear-attention layer (4) or at the next full-attention layer (7) ranks the visual tokens by
+    the attention layer 3 pays them from the last token: its gated query, q/k norms and partial rotary."""
+    model, processor = tiny_qwen3_5(backend="eager")
+    inputs = encode(processor, [random_image(100, 150)])
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions  # of the full-attention layers 3 and 7
+    probabilities = attentions[0][0, :, -1].mean(0)
+    with illava.applied(model, processor=processor, enable_illava_llm=True, illava_llm_k=str(merge_layer),
+                        illava_llm_r=5, illava_llm_mode="drop"):
+        model(**inputs)
+        kept = illava.last_trace(model).language[0].kept_positions(0)
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    candidates = visual[:-1]  # the last visual token always survives
+    dropped = set(visual.tolist()) - set(kept.tolist())
+    assert dropped == set(candidates[probabilities[candidates].argsort()[:5]].tolist())
+
+
+def test_qwen3_5_merge_layers_need_a_full_attention_layer_before_them(qwen3_5):
+    model, processor = qwen3_5
+    with pytest.raises(ValueError, match=r"illava_llm_k=2-5: layer\(s\) \[2\] have no full-attention layer before "
+                                         r"them .*full-attention layers: \[3, 7\]"):
+        illava.apply(model, processor=processor, enable_illava_llm=True, illava_llm_k="2-5")
     assert not illava.is_applied(model)
+    with pytest.raises(ValueError, match=r"illava_llm_k=3: layer\(s\) \[3\]"):  # itself full attention, the first
+        illava.apply(model, processor=processor, enable_illava_llm=True, illava_llm_k="3")
+    assert not illava.is_applied(model)
+
+
+def test_qwen3_5_token_counts_and_the_layers_after_a_merge_run_on_the_kept_tokens(qwen3_5):
+    """Merges at the linear-attention layers 4 and 5 and at the full-attention layer 7, all scored by layer 3 (the
+    nearest full-attention layer before each): every later layer, of either kind, runs on the shortened sequence."""
+    model, processor = qwen3_5
+    lengths = {}
+
+    def remember(index):
+        def hook(module, args, kwargs):
+            lengths.setdefault(index, (args[0] if args else kwargs["hidden_states"]).shape[1])
+        return hook
+
+    with illava.applied(model, processor=processor, enable_illava_llm=True, illava_llm_k="4-5-7", illava_llm_r=0.5):
+        handles = [layer.register_forward_pre_hook(remember(index), with_kwargs=True)  # after illava's
+                   for index, layer in enumerate(model.model.language_model.layers)]
+        try:
+            inputs = encode(processor, [random_image(100, 150)])
+            output = model(**inputs)
+            trace = illava.last_trace(model).language
+        finally:
+            for handle in handles:
+                handle.remove()
+    length = inputs["input_ids"].shape[1]
+    assert [layer.visual_tokens_per_span for layer in trace] == [[7], [3], [1]]  # of 15: 15-8, 7-4, 3-2
+    assert [lengths[index] for index in range(8)] == [length] * 4 + [length - 8] + [length - 12] * 2 + [length - 14]
+    assert output.logits.shape[1] == length and output.logits[0, -1].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_qwen3_5_generate_batch_matches_alone_and_cache_matches_replay(backend, moe):
+    """Merges at linear-attention layers (4, 5: the second ranks the survivors of the first by layer 3's scores)
+    and at a full-attention layer (7), both stages, a left-padded batch whose rows keep different counts."""
+    model, processor = tiny_qwen3_5(moe=moe, backend=backend, seed=4)
+    samples = [
+        dict(images=[random_image(100, 150, seed=1)], text=IMAGE + "describe"),
+        dict(videos=[random_video(4, 84, 112, seed=2)], text=VIDEO + "what happens here"),
+        dict(images=[random_image(84, 84, seed=3)], videos=[random_video(2, 84, 112, seed=4)], text=IMAGE + VIDEO + "both"),
+    ]
+    options = dict(VIT, enable_illava_llm=True, illava_llm_k="4-5-7", illava_llm_r=0.7)
+
+    def run(batch_samples, **extra):
+        images = [image for sample in batch_samples for image in sample.get("images", [])]
+        videos = [video for sample in batch_samples for video in sample.get("videos", [])]
+        inputs = processor(images=images or None, videos=videos or None, text=[s["text"] for s in batch_samples],
+                           padding=True, return_tensors="pt",
+                           **(dict(video_metadata=[metadata(video) for video in videos]) if videos else {}))
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **extra)
+        return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+    with illava.applied(model, processor=processor, **options):
+        tokens, logits = run(samples)
+        trace = illava.last_trace(model).language
+        assert len(trace) == 3 and bool((trace[0].positions < 0).any())  # padding slots in play
+        replay_tokens, replay_logits = run(samples, use_cache=False)
+        assert torch.equal(tokens, replay_tokens)
+        torch.testing.assert_close(logits, replay_logits, rtol=1e-4, atol=1e-4)
+        for index, sample in enumerate(samples):
+            alone_tokens, alone_logits = run([sample])
+            assert torch.equal(tokens[index], alone_tokens[0])
+            torch.testing.assert_close(logits[index], alone_logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_qwen3_5_several_new_tokens_on_a_merged_cache(qwen3_5):
+    """A forward of several tokens on the cache a merged prefill returned (the linear-attention layers continue
+    their recurrent state; the full-attention layers' mask columns are the kept tokens and the new ones) equals
+    the merged forward of the whole sequence, whose prompt ends where the cached prompt did."""
+    model, processor = qwen3_5
+    inputs = encode(processor, [random_image(100, 150)])
+    length = inputs["input_ids"].shape[1]
+    sequence = torch.cat((inputs["input_ids"], torch.tensor([[65, 66, 67]])), dim=1)
+    whole = dict(inputs, input_ids=sequence, attention_mask=torch.ones_like(sequence),
+                 mm_token_type_ids=torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 3)))  # text follows
+    seen, handle = capture_positions(model)
+    try:
+        with illava.applied(model, processor=processor, enable_illava_llm=True, illava_llm_k="4-7", illava_llm_r=0.5):
+            with torch.no_grad():
+                with illava.prompt_ends(model, length):
+                    full = model(**whole).logits
+                positions = seen["position_ids"][..., length:]  # the model derives them from the whole sequence
+                prefill = model(**inputs, use_cache=True)
+                assert illava.last_trace(model).language[-1].visual_tokens_per_span == [3]
+                continued = model(input_ids=sequence[:, length:], attention_mask=torch.ones_like(sequence),
+                                  position_ids=positions, use_cache=True,
+                                  **{compat.CACHE_KEYWORD: compat.output_cache(prefill)}).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(continued, full[:, length:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=2, num_return_sequences=2), dict(num_return_sequences=2, do_sample=True)])
+def test_qwen3_5_beams_and_repeated_rows_generate_as_without_cache(qwen3_5, options):
+    """Beam search reorders the cache's rows (recurrent and conv states too) and the merge plan with them."""
+    model, processor = qwen3_5
+    inputs = processor(images=[random_image(100, 150), random_image(84, 84, seed=3)],
+                       text=[IMAGE + "describe", "a longer text " + IMAGE + "it"], padding=True, return_tensors="pt")
+    with illava.applied(model, processor=processor, enable_illava_llm=True, illava_llm_k="4-7", illava_llm_r=0.6):
+        torch.manual_seed(0)
+        cached = model.generate(**inputs, max_new_tokens=5, **options)
+        torch.manual_seed(0)
+        assert torch.equal(cached, model.generate(**inputs, max_new_tokens=5, use_cache=False, **options))
+
+
+@pytest.mark.parametrize("mode", ["drop", "shift", "pivot"])
+def test_qwen3_5_modes_give_the_counts_of_the_default_merge_and_generate_as_replayed(qwen3_5, mode, tmp_path):
+    model, processor = qwen3_5
+    counts = {}
+    for name in ("merge", mode):
+        with illava.applied(model, processor=processor, **VIT, enable_illava_llm=True, illava_llm_k="4-7",
+                            illava_llm_r=0.5, illava_llm_mode=name, illava_pc_ratio=0.3,
+                            illava_track_vit_source=True, illava_track_llm_source=True):
+            inputs = sample_inputs(processor)
+            tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            trace = illava.last_trace(model)
+            counts[name] = [layer.visual_tokens_per_span for layer in trace.language]
+            assert any(path.name.startswith("attention_map_llm_layer_")
+                       for path in write_heatmaps(model, processor, inputs, trace, tmp_path / name))
+            assert torch.equal(tokens, model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False))
+    assert counts[mode] == counts["merge"] == [[4, 6], [2, 3]]  # of 9 image and 12 video tokens
 
 
 def test_llm_stage_counts_a_video_as_one_span_across_its_timestamps(qwen3):

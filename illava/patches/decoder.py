@@ -1,23 +1,36 @@
 """LLM-stage merging inside a decoder stack, shared by every family: any text model whose layers are called as
 `layer(hidden_states, attention_mask=, position_ids=, <cache>=, position_embeddings=(cos, sin))` with
 `self_attn.{q,k}_proj` (optionally followed by per-head `q_norm` / `k_norm`), rotate-half RoPE and a `scaling`
-attribute: the Qwen2 decoder of LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL, and the Qwen3 decoder of Qwen3-VL /
-Qwen3-VL-MoE (checked on every release of the tested window, `illava.compat`, which also names the cache keyword).
+attribute: the Qwen2 decoder of LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL, the Qwen3 decoder of Qwen3-VL /
+Qwen3-VL-MoE, and the hybrid decoder of Qwen3.5 / Qwen3.5-MoE, whose Gated-DeltaNet layers (`linear_attn`, no
+`self_attn`) sit between gated full-attention layers (checked on every release of the tested window,
+`illava.compat`, which also names the cache keyword).
 
 Prefill, at each merge layer k: the visual tokens of every image/video span are scored by the attention the
-last prompt token pays them in layer k-1 (one query row from that layer's q and k, captured by hooks on the
-projections, or on the q/k norms where the attention has them, so any attention backend works), and each span
-loses `illava_llm_r` tokens the way `illava_llm_mode` says (the iLLaVA merge by default); the span's last visual
-token always survives.
+last prompt token pays them in the nearest full-attention layer before k (k-1 in a decoder of full-attention
+layers only; one query row from that layer's q and k, captured by hooks on the projections, or on the q/k norms
+where the attention has them, so any attention backend works). A linear-attention layer has no attention weights
+to read (a decayed recurrent state stands for the whole prefix), so a merge layer with no full-attention layer
+before it is refused; a rotary embedding that covers only the first dimensions of a head (Qwen3.5's partial
+rotary) is applied to those dimensions only, as the layer does. Several merge layers may share one scoring layer
+(Qwen3.5's full attention comes every 4th layer): its scores are kept per original position, and a later merge
+ranks the tokens that survived the earlier ones by them. Each span loses `illava_llm_r` tokens the way
+`illava_llm_mode` says (the iLLaVA merge by default); the span's last visual token always survives.
 Layers >= k run on the shortened sequence: their hidden states, rotary cos/sin, position ids and mask are
 gathered at the kept positions (positions stay in the original index space). Samples of a batch that keep
 different counts are left-padded with masked slots so the batch stays rectangular and the last token stays last.
+Each kind of layer gets its own mask at the kept positions: full attention its causal mask, linear attention its
+2-D padding mask (None without padding) with the padding slots zeroed as padding, so that, left of every real
+token, they leave its recurrent and conv states at zero: a linear-attention layer after a merge runs its
+recurrence over the kept tokens only.
 The output is scattered back to the full length, so logits line up with the input for every caller (NaN at the
 positions merged away: they have no output).
 
 The KV cache of layers >= k holds only kept tokens; a plan attached to the cache tells later forwards (decode
 steps, continued generation) which original positions those entries stand for, so their mask columns are
-`kept + new positions`.
+`kept + new positions`. A linear-attention layer's cache is a state, not a per-token list: decode steps continue
+its recurrence as they are. The first layer and the first full-attention layer always run on the whole prompt
+(no merge precedes them), so the cache length transformers reads from either stays the prompt's.
 """
 
 from __future__ import annotations
@@ -82,6 +95,15 @@ def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return expanded.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
 
 
+def slice_padding_mask(mask, columns: torch.Tensor, column_valid: torch.Tensor):
+    """A `[B, K]` padding mask (flash attention's, and the one linear-attention layers multiply their input by) at
+    the original positions `columns [B, K]`, masked at the padding slots (`column_valid` False). A mask of None (no
+    padding) stays None while no padding slot exists."""
+    if mask is None:
+        return None if bool(column_valid.all()) else column_valid.long()
+    return mask.gather(1, columns).bool().logical_and(column_valid).to(mask.dtype)
+
+
 def slice_mask(mask, rows, row_original, row_is_padding, columns, column_valid, implementation, dtype):
     """The attention mask of a shortened sequence, in the format the attention implementation expects.
 
@@ -93,9 +115,7 @@ def slice_mask(mask, rows, row_original, row_is_padding, columns, column_valid, 
     batch, num_rows = rows.shape
     needs_padding = not bool(column_valid.all())
     if "flash" in implementation:  # a [B, K] padding mask; causality is implicit
-        if mask is None:
-            return column_valid.long() if needs_padding else None
-        return mask.gather(1, columns).bool().logical_and(column_valid).to(mask.dtype)
+        return slice_padding_mask(mask, columns, column_valid)
     if mask is None:
         if not needs_padding:
             return None
@@ -136,8 +156,9 @@ class _Prefill:
         self.key_mask = key_mask  # [B, L] bool from the 2-D attention mask, or None
         self.layout: Layout | None = None
         self.layouts: list[tuple[int, Layout]] = []
-        self.sliced: dict | None = None
-        self.capture: dict = {}
+        self.sliced: dict[bool, dict] = {}  # per layer kind (linear attention or not): its inputs at `layout`
+        self.capture: dict[int, dict] = {}  # per scoring layer: its last query row, keys, rotary, while unscored
+        self.scores: dict[int, torch.Tensor] = {}  # per scoring layer: [B, L] fp32 at the original positions
         self.sources = (
             torch.arange(length, device=span.device).repeat(batch, 1) if track_sources else None
         )
@@ -183,27 +204,48 @@ class LanguageModelMerger:
         self._per_thread = threading.local()  # `prompt_end`: set by generate() and `prompt_ends` for this thread
         self.labels: torch.Tensor | None = None  # of the model forward running now
         self.run: _Prefill | _Continuation | None = None
+        layers = language_model.layers
+        self.linear_attention_layers = {index for index, layer in enumerate(layers) if hasattr(layer, "linear_attn")}
+        self.scoring_layer = self._scoring_layers(len(layers))  # merge layer -> the layer whose attention scores it
         implementation = language_model.config._attn_implementation
         if implementation not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"illava: LLM merging supports attention implementations {SUPPORTED_ATTENTION}, "
                 f"the language model uses {implementation!r}"
             )
-        layers = language_model.layers
         state.before_forward(language_model, self._before_model, with_kwargs=True)
         state.after_forward(language_model, self._after_model, with_kwargs=True, always_call=True)
-        for index in range(min(self.merge_layers) - 1, len(layers)):
-            layer = layers[index]
-            state.before_forward(layer, self._before_layer(index), with_kwargs=True)
-            if index + 1 in self.merge_layers:
-                attention = layer.self_attn
-                # Qwen3 normalises every head of q and k before RoPE: the scores need the normalised heads
-                query_source = attention.q_norm if hasattr(attention, "q_norm") else attention.q_proj
-                key_source = attention.k_norm if hasattr(attention, "k_norm") else attention.k_proj
-                state.after_forward(query_source, self._capture_query)
-                state.after_forward(key_source, self._capture_key)
+        for index in range(min(self.scoring_layer.values()), len(layers)):
+            state.before_forward(layers[index], self._before_layer(index), with_kwargs=True)
+        for index in set(self.scoring_layer.values()):
+            attention = layers[index].self_attn
+            # Qwen3 / Qwen3.5 normalise every head of q and k before RoPE: the scores need the normalised heads
+            query_source = attention.q_norm if hasattr(attention, "q_norm") else attention.q_proj
+            key_source = attention.k_norm if hasattr(attention, "k_norm") else attention.k_proj
+            state.after_forward(query_source, self._capture(index, "query"))
+            state.after_forward(key_source, self._capture(index, "key"))
         if model is not None and hasattr(model, "generate"):
             self.follow_model(model)
+
+    def _scoring_layers(self, num_layers: int) -> dict[int, int]:
+        """The nearest full-attention layer before each merge layer (see the module docstring)."""
+        full_attention = [index for index in range(num_layers) if index not in self.linear_attention_layers]
+        scoring, unscored = {}, []
+        for layer in sorted(self.merge_layers):
+            before = [index for index in full_attention if index < layer]
+            if before:
+                scoring[layer] = before[-1]
+            else:
+                unscored.append(layer)
+        if unscored:
+            advice = f"; merge at layers after {full_attention[0]}" if full_attention else ""
+            raise ValueError(
+                f"illava_llm_k={'-'.join(map(str, self.config.illava_llm_k))}: layer(s) {unscored} have no "
+                f"full-attention layer before them to score the visual tokens (full-attention layers: "
+                f"{full_attention}; linear-attention layers {sorted(self.linear_attention_layers)} have no attention "
+                f"weights){advice}"
+            )
+        return scoring
 
     @property
     def prompt_end(self) -> int | torch.Tensor | list[int] | None:
@@ -248,7 +290,7 @@ class LanguageModelMerger:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = kwargs.get("input_ids", args[0] if args else None)
-        past_length = cache.get_seq_length() if cache is not None else 0
+        past_length = int(cache.get_seq_length()) if cache is not None else 0  # a tensor from a linear-attention layer
         span = self._combine(spans) if spans else None
         if span is not None and bool((span >= 0).any()):
             if cache is not None and not isinstance(cache, DynamicCache):
@@ -320,28 +362,44 @@ class LanguageModelMerger:
         if layer_index in self.merge_layers:
             hidden = self._merge(run, layer_index, hidden)
         if run.layout is not None:
-            if run.sliced is None:
-                run.sliced = self._slice_prefill_inputs(run.layout, kwargs)
-            kwargs.update(run.sliced)
-        if layer_index + 1 in self.merge_layers:
+            linear = layer_index in self.linear_attention_layers
+            if linear not in run.sliced:
+                run.sliced[linear] = self._slice_prefill_inputs(run.layout, kwargs, linear)
+            kwargs.update(run.sliced[linear])
+        if layer_index in self.scoring_layer.values():
             layout = run.current()
             attendable = run.attendable(layout)
             last = (attendable.long() * torch.arange(1, attendable.shape[1] + 1, device=hidden.device)).argmax(1)
-            run.capture = {"last": last, "attendable": attendable, "rotary": kwargs["position_embeddings"]}
+            run.capture[layer_index] = {"last": last, "attendable": attendable, "layout": layout,
+                                        "rotary": kwargs["position_embeddings"]}
         return (hidden, *args[1:]), kwargs
 
-    def _capture_query(self, module, inputs, output):
-        if isinstance(self.run, _Prefill) and "last" in self.run.capture:
-            last = self.run.capture["last"]
-            self.run.capture["query"] = output[torch.arange(output.shape[0], device=output.device), last]
+    def _capture(self, layer_index: int, name: str):
+        """A forward hook that keeps the scoring layer's keys, or its query row of the last prompt token."""
 
-    def _capture_key(self, module, inputs, output):
-        if isinstance(self.run, _Prefill) and "last" in self.run.capture:
-            self.run.capture["key"] = output
+        def hook(module, inputs, output):
+            run = self.run
+            if not isinstance(run, _Prefill) or layer_index not in run.capture:
+                return
+            capture = run.capture[layer_index]
+            if name == "query":
+                output = output[torch.arange(output.shape[0], device=output.device), capture["last"]]
+            capture[name] = output
+
+        return hook
 
     def _scores(self, run: _Prefill, layer_index: int) -> torch.Tensor:
-        capture, run.capture = run.capture, {}
-        attention = self.language_model.layers[layer_index - 1].self_attn
+        """`[B, L']` at the slots of the current layout: the scoring layer's attention of the last prompt token."""
+        layout = run.current()
+        scoring = self.scoring_layer[layer_index]
+        if scoring not in run.scores:
+            run.scores[scoring] = self._last_token_attention(scoring, run.capture.pop(scoring), run.length)
+        return run.scores[scoring].gather(1, layout.index).masked_fill(~layout.valid, 0)
+
+    def _last_token_attention(self, layer_index: int, capture: dict, length: int) -> torch.Tensor:
+        """`[B, length]`: the attention layer `layer_index`'s last prompt token pays each original position (0 where
+        the layer held no token)."""
+        attention = self.language_model.layers[layer_index].self_attn
         head_dim = attention.head_dim
         batch = capture["key"].shape[0]
         cos, sin = (part.float().expand(batch, *part.shape[1:]) for part in capture["rotary"])
@@ -351,7 +409,12 @@ class LanguageModelMerger:
         query = merge.apply_rotary(query, cos[rows, last][:, None], sin[rows, last][:, None])
         key = capture["key"].float().view(batch, capture["key"].shape[1], -1, head_dim).transpose(1, 2)
         key = merge.apply_rotary(key, cos[:, None], sin[:, None])
-        return merge.last_query_attention(query, key, attention.scaling, capture["attendable"])
+        scores = merge.last_query_attention(query, key, attention.scaling, capture["attendable"])
+        layout = capture["layout"]
+        by_position = scores.new_zeros(batch, length)
+        batch_index, slot = layout.valid.nonzero(as_tuple=True)
+        by_position[batch_index, layout.index[batch_index, slot]] = scores[batch_index, slot]
+        return by_position
 
     def _merge(self, run: _Prefill, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         layout = run.current()
@@ -378,7 +441,7 @@ class LanguageModelMerger:
         if run.sources is not None:
             self._update_sources(run, layout, result.owner)
         new_layout, source_slot = _compact(layout, keep)
-        run.layout, run.sliced = new_layout, None
+        run.layout, run.sliced = new_layout, {}
         run.layouts.append((layer_index, new_layout))
         self._record(run, layer_index, new_layout)
         gathered = result.hidden.gather(1, source_slot[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -410,11 +473,14 @@ class LanguageModelMerger:
             )
         )
 
-    def _slice_prefill_inputs(self, layout: Layout, kwargs) -> dict:
+    def _slice_prefill_inputs(self, layout: Layout, kwargs, linear_attention: bool) -> dict:
         cos, sin = kwargs["position_embeddings"]
         sliced = {"position_embeddings": (_gather_rows(cos, layout.index), _gather_rows(sin, layout.index))}
         if kwargs.get("position_ids") is not None:
             sliced["position_ids"] = _gather_positions(kwargs["position_ids"], layout.index)
+        if linear_attention:
+            sliced["attention_mask"] = slice_padding_mask(kwargs.get("attention_mask"), layout.index, layout.valid)
+            return sliced
         sliced["attention_mask"] = slice_mask(
             kwargs.get("attention_mask"),
             rows=layout.index,
@@ -429,7 +495,8 @@ class LanguageModelMerger:
 
     def _continuation_layer(self, run: _Continuation, layer_index: int, args, kwargs):
         layout = run.plan.layout_for(layer_index)
-        if layout is None:
+        if layout is None or layer_index in self.linear_attention_layers:
+            # a linear-attention layer continues its recurrent state; its padding mask covers the new tokens only
             return None
         cache = compat.cache_argument(kwargs)
         decoded = run.past_length - run.plan.prefill_length

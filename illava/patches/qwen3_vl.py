@@ -1,7 +1,7 @@
 """Qwen3-VL and Qwen3-VL-MoE (`Qwen3VLForConditionalGeneration`, `Qwen3VLMoeForConditionalGeneration`): ViT-stage
 merging in the packed vision blocks, LLM-stage merging in the Qwen3 decoder; Qwen3.5 / Qwen3.5-MoE
 (`Qwen3_5ForConditionalGeneration`, `Qwen3_5MoeForConditionalGeneration`: the same vision tower without DeepStack,
-and the same processor): the ViT stage. Checked on the tested window (`illava.compat`).
+the same processor, and a hybrid decoder): both stages too. Checked on the tested window (`illava.compat`).
 
 The vision tower is Qwen2-VL's without attention windows (every image / temporal slice is one `cu_seqlens`
 segment), so the Qwen2-VL machinery applies: whole 2x2 windows are merged per image / frame, placeholders and
@@ -16,9 +16,13 @@ timestamp text stay. What Qwen3-VL adds:
 - `get_video_features` runs `self.get_image_features`: inside it that is the model's own method, so that illava's
   wrappers handle a video once, as a video.
 - LLM stage: Qwen3 attention normalises q and k per head before RoPE (the decoder merger scores after the norms);
-  a merge layer before a DeepStack injection layer injects at the kept positions. Qwen3.5's language model puts
-  Gated-DeltaNet linear-attention layers (a recurrent state, no keys per token) between its full-attention layers,
-  so every merge layer would be followed by layers the LLM stage cannot shorten a cache for: it is refused there.
+  a merge layer before a DeepStack injection layer injects at the kept positions.
+- LLM stage on Qwen3.5: three Gated-DeltaNet linear-attention layers (a recurrent state and a short conv state, no
+  per-token cache) come before each gated full-attention layer (layers 3, 7, 11, ...). A merge at any layer k after
+  the first full-attention layer works, on either kind of layer: the tokens are scored in the nearest
+  full-attention layer before k (linear attention has no attention weights to read; its gate only scales the
+  attention output, and its partial rotary is applied as the layer does), later linear-attention layers run their
+  recurrence over the kept tokens, and full-attention layers cache the kept tokens (`illava.patches.decoder`).
 """
 
 from __future__ import annotations
@@ -48,20 +52,14 @@ def apply(state: IllavaState, model, processor=None) -> None:
     visual = inner.visual
     config.validate_vit(len(visual.blocks))  # windows per image vary; each segment is checked when merged
     config.validate_llm(inner.config.text_config.num_hidden_layers)
-    linear_layers = [index for index, layer in enumerate(inner.language_model.layers) if hasattr(layer, "linear_attn")]
-    if config.enable_illava_llm and linear_layers:
-        raise ValueError(
-            f"illava: enable_illava_llm is not supported on {type(model).__name__}: its language model has "
-            f"linear-attention (Gated-DeltaNet) layers {linear_layers}, whose recurrent state has no per-token keys "
-            "to score or cache entries to drop; use the ViT stage (enable_illava_vit) only"
-        )
     if not (config.enable_illava_vit or config.enable_illava_llm):
         return
     _encode_videos_once(state, inner)
     language_merger = None
     if config.enable_illava_llm:
         language_merger = LanguageModelMerger(state, inner.language_model, model)
-        _inject_deepstack_at_kept_positions(state, inner.language_model, language_merger)
+        if hasattr(inner.language_model, "_deepstack_process"):  # not Qwen3.5
+            _inject_deepstack_at_kept_positions(state, inner.language_model, language_merger)
         if hasattr(inner.config.text_config, "num_experts"):
             _refuse_router_logits(state, model)
     vision = patch_vlm(state, model, inner, language_merger, videos_per_slice=True)

@@ -189,6 +189,7 @@ def tiny_qwen3_vl(
     moe: bool = False,
     qwen3_5: bool = False,
     text_width: int = 64,
+    rotary_fraction: float = 1.0,
 ):
     """A random-weight Qwen3-VL (or Qwen3-VL-MoE with `moe=True`) and its processor: patch 16, 2x2 spatial merge,
     temporal patch 2, learned position embeddings on an 8x8 grid, DeepStack features from `deepstack_layers`
@@ -197,7 +198,8 @@ def tiny_qwen3_vl(
 
     `qwen3_5=True`: Qwen3.5 (or Qwen3.5-MoE): the same vision tower without DeepStack, and a language model of
     three Gated-DeltaNet (linear attention) layers per full-attention layer. The language model has 4 heads of
-    `text_width / 4` (vLLM's CPU attention takes heads of 32 and more: `text_width=128`)."""
+    `text_width / 4` (vLLM's CPU attention takes heads of 32 and more: `text_width=128`); `rotary_fraction`: the
+    fraction of each head's dimensions that M-RoPE rotates (1 or 0.5; Qwen3.5 checkpoints rotate a quarter)."""
     import transformers
 
     tokenizer = byte_level_tokenizer()
@@ -220,7 +222,9 @@ def tiny_qwen3_vl(
                                  for index in range(text_layers)],
                     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
                     linear_conv_kernel_dim=4)
-        text["rope_parameters"] = dict(text["rope_parameters"], partial_rotary_factor=1.0)
+        sections = [round(section * rotary_fraction) for section in text["rope_parameters"]["mrope_section"]]
+        text["rope_parameters"] = dict(text["rope_parameters"], partial_rotary_factor=rotary_fraction,
+                                       mrope_section=sections)
     prefix = ("Qwen3_5" if qwen3_5 else "Qwen3VL") + ("Moe" if moe else "")
     config = getattr(transformers, f"{prefix}Config")(
         vision_config=vision,
