@@ -98,6 +98,26 @@ def test_qwen3_vl_geometry_runs_the_reference_settings():
     assert rows["baseline"]["ratio_samples_per_s"] == 1
 
 
+def test_qwen3_5_geometry_counts_its_linear_attention_layers():
+    model, processor, family = bench.build_model("qwen3.5-cpu", "cpu", torch.float32, "sdpa")
+    text = model.config.text_config
+    assert text.layer_types.count("full_attention") == 8 and text.linear_num_value_heads == 4
+    build = bench._inputs_builder(model, processor, family, 64, None, "cpu", torch.float32)
+    rows = {row["setting"]: row for row in bench.run_suite(model, processor, family, bench.SETTINGS[family], build,
+                                                           [1], 1, 2, "cpu")}
+    assert rows["llm 16-20-24 keep .85"]["visual_tokens"]["llm_sequence"][0] > rows["llm 16-20-24 keep .85"][
+        "visual_tokens"]["llm_sequence"][-1]
+    linear = bench.gated_delta_net_flops(10, text.hidden_size, text.intermediate_size, text)
+    key_dim, value_dim = 2 * 128, 4 * 128
+    by_hand = 2 * 10 * (512 * (2 * key_dim + 2 * value_dim + 2 * 4) + value_dim * 512 + 4 * 4 * 128 * 128
+                        + 3 * 512 * 1536)
+    assert linear == by_hand
+    full = bench.llm_prefill_flops(10, 512, 1536, 256, gated=True)
+    assert full == 2 * (10 * (3 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1536) + 2 * 55 * 512)
+    expected = sum((full if kind == "full_attention" else linear) for kind in text.layer_types)
+    assert bench.prefill_flops(model, IllavaConfig(), [16], 1, [10])["llm_prefill"] == pytest.approx(expected)
+
+
 def test_compile_runs_the_image_settings_again_labelled(monkeypatch, tmp_path):
     compiled = []
     monkeypatch.setattr(bench, "compile_in_place", compiled.append)

@@ -60,6 +60,13 @@ QWEN3_TEXT = {
     "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128),
 }
+# Qwen3.5: transformers' `Qwen3_5Config` defaults (its documented checkpoint's shapes): Qwen3-VL-8B's tower without
+# DeepStack, 32 decoder layers with gated full attention at every 4th (3, 7, ...; head_dim 256, a quarter of it
+# rotated) and Gated-DeltaNet linear attention elsewhere
+QWEN3_5_VIT = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16)
+QWEN3_5_TEXT = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
+                    num_key_value_heads=4, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+                    linear_key_head_dim=128, linear_value_head_dim=128)
 # name: (family, vision shape, text shape, width divisor for a CPU-sized version)
 GEOMETRIES = {
     "llava-ov-0.5b": ("llava_onevision", SIGLIP_SO400M, QWEN2_TEXT["0.5b"], 1),
@@ -74,6 +81,8 @@ GEOMETRIES = {
     "qwen3-vl-2b-cpu": ("qwen3_vl", QWEN3_VIT["2b"], QWEN3_TEXT["2b"], 8),
     "qwen3-vl-8b": ("qwen3_vl", QWEN3_VIT["8b"], QWEN3_TEXT["8b"], 1),
     "qwen3-vl-8b-cpu": ("qwen3_vl", QWEN3_VIT["8b"], QWEN3_TEXT["8b"], 8),
+    "qwen3.5": ("qwen3_5", QWEN3_5_VIT, QWEN3_5_TEXT, 1),
+    "qwen3.5-cpu": ("qwen3_5", QWEN3_5_VIT, QWEN3_5_TEXT, 8),
 }
 SETTINGS = {
     "llava_onevision": {
@@ -101,6 +110,15 @@ SETTINGS = {
                                          illava_vit_mode="pivot", illava_llm_mode="pivot"),
     },
 }
+# Qwen3.5 (no reference setting): the Qwen3-VL ViT setting; LLM merges right after full-attention layers 15, 19, 23,
+# which score them
+SETTINGS["qwen3_5"] = {
+    "baseline": {},
+    "vit 5-8 r.10": dict(enable_illava_vit=True, illava_vit_k="5-6-7-8", illava_vit_r=0.10),
+    "llm 16-20-24 keep .85": dict(enable_illava_llm=True, illava_llm_k="16-20-24", illava_llm_r=0.85),
+    "both": dict(enable_illava_vit=True, illava_vit_k="5-6-7-8", illava_vit_r=0.10,
+                 enable_illava_llm=True, illava_llm_k="16-20-24", illava_llm_r=0.85),
+}
 VIDEO_SETTINGS = {
     "baseline": {},
     "video (paper)": dict(enable_illava_vit=True, illava_vit_k="3-4-5-6", illava_vit_r=92,
@@ -121,6 +139,9 @@ def _scaled(shape: dict, divisor: int) -> dict:
     scaled[width_key] = scaled[heads_key] * head_dim
     if "num_key_value_heads" in shape:
         scaled["num_key_value_heads"] = 1
+    for linear_heads in ("linear_num_key_heads", "linear_num_value_heads"):  # Qwen3.5's Gated-DeltaNet
+        if linear_heads in shape:
+            scaled[linear_heads] = max(1, shape[linear_heads] // divisor)
     if "intermediate_size" in shape:
         scaled["intermediate_size"] = max(1, shape["intermediate_size"] // divisor)
     return scaled
@@ -148,6 +169,22 @@ def build_model(geometry: str, device: str, dtype: torch.dtype, attn: str):
             vision_feature_layer=-1, vision_feature_select_strategy="full",
         )
         model_class = transformers.LlavaOnevisionForConditionalGeneration
+    elif family == "qwen3_5":
+        _, processor = tiny_qwen3_vl(vision_depth=1, text_layers=1, deepstack_layers=(0,),
+                                     max_pixels=16384 * 32 * 32)
+        head_dim = text["head_dim"]
+        config = transformers.Qwen3_5Config(
+            vision_config=dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                               out_hidden_size=text["hidden_size"], **vision),
+            text_config=dict(rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                                              "mrope_section": [head_dim // 24 + 1, head_dim // 24 + 1, head_dim // 24],
+                                              "mrope_interleaved": True},
+                             layer_types=[("full_attention" if index % 4 == 3 else "linear_attention")
+                                          for index in range(text["num_hidden_layers"])], **text),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        )
+        model_class = transformers.Qwen3_5ForConditionalGeneration
     elif family == "qwen3_vl":
         _, processor = tiny_qwen3_vl(vision_depth=1, text_layers=1, deepstack_layers=(0,),
                                      max_pixels=16384 * 32 * 32)
@@ -195,11 +232,25 @@ def vit_layer_flops(tokens_per_group: int, groups: int, width: int, mlp: int) ->
     return 2.0 * groups * (n * (4 * width * width + 2 * width * mlp) + 2 * n * n * width)
 
 
-def llm_prefill_flops(tokens: int, width: int, mlp: int, kv_width: int, context: int | None = None) -> float:
+def llm_prefill_flops(tokens: int, width: int, mlp: int, kv_width: int, context: int | None = None,
+                      gated: bool = False) -> float:
     """One Qwen2 decoder layer over `tokens` queries attending to `context` keys (default: causal self, L(L+1)/2):
-    q and o (width^2), k and v (width x kv_width), SwiGLU MLP (3 matmuls), scores and mix."""
+    q and o (width^2), k and v (width x kv_width), SwiGLU MLP (3 matmuls), scores and mix; `gated`: q_proj also
+    gives an output gate (Qwen3.5)."""
     pairs = tokens * (tokens + 1) / 2 if context is None else tokens * context
-    return 2.0 * (tokens * (2 * width * width + 2 * width * kv_width + 3 * width * mlp) + 2 * pairs * width)
+    projections = (3 if gated else 2) * width * width + 2 * width * kv_width
+    return 2.0 * (tokens * (projections + 3 * width * mlp) + 2 * pairs * width)
+
+
+def gated_delta_net_flops(tokens: int, width: int, mlp: int, text) -> float:
+    """One Qwen3.5 linear-attention layer over `tokens`: the q/k/v, z, b, a and output projections, the recurrence
+    (a key x value state per value head, read and updated: about 4 dk dv per token) and the SwiGLU MLP; the short
+    convolution and the gates are left out (a few per channel)."""
+    key_dim = text.linear_num_key_heads * text.linear_key_head_dim
+    value_dim = text.linear_num_value_heads * text.linear_value_head_dim
+    projections = width * (2 * key_dim + 2 * value_dim + 2 * text.linear_num_value_heads) + value_dim * width
+    recurrence = 4 * text.linear_num_value_heads * text.linear_key_head_dim * text.linear_value_head_dim
+    return 2.0 * tokens * (projections + recurrence + 3 * width * mlp)
 
 
 def prefill_flops(model, config: IllavaConfig, vit_counts: list[int], vit_groups: int, llm_counts: list[int],
@@ -215,17 +266,24 @@ def prefill_flops(model, config: IllavaConfig, vit_counts: list[int], vit_groups
     vision_width = getattr(vision, "embed_dim", None) or vision.hidden_size
     vision_mlp = getattr(vision, "intermediate_size", None) or int(vision_width * vision.mlp_ratio)
     vision_layers = getattr(vision, "num_hidden_layers", None) or vision.depth
-    kv_width = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_width = text.num_key_value_heads * head_dim
     vit_merge = config.illava_vit_k if config.enable_illava_vit else ()
     llm_merge = config.illava_llm_k if config.enable_illava_llm else ()
     vision_flops = 0.0
     for layer in range(vision_layers):
         vision_flops += vit_layer_flops(vit_counts[sum(k < layer for k in vit_merge)], vit_groups, vision_width,
                                         vision_mlp)
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    gated = text.model_type.startswith("qwen3_5")
     llm_flops = 0.0
-    for layer in range(text.num_hidden_layers):
-        llm_flops += sequences * llm_prefill_flops(llm_counts[sum(k <= layer for k in llm_merge)],
-                                                   text.hidden_size, text.intermediate_size, kv_width)
+    for layer, layer_type in enumerate(layer_types):
+        tokens = llm_counts[sum(k <= layer for k in llm_merge)]
+        if layer_type == "linear_attention":
+            llm_flops += sequences * gated_delta_net_flops(tokens, text.hidden_size, text.intermediate_size, text)
+        else:
+            llm_flops += sequences * llm_prefill_flops(tokens, text.hidden_size, text.intermediate_size, kv_width,
+                                                       gated=gated)
     return {"vision": vision_flops, "llm_prefill": llm_flops, "total": vision_flops + llm_flops}
 
 
@@ -368,6 +426,7 @@ def _inputs_builder(model, processor, family: str, image_size: int, frames: int 
         ("qwen2_vl", False): "<|vision_start|><|image_pad|><|vision_end|>",
         ("qwen2_vl", True): "<|vision_start|><|video_pad|><|vision_end|>",
         ("qwen3_vl", False): "<|vision_start|><|image_pad|><|vision_end|>",
+        ("qwen3_5", False): "<|vision_start|><|image_pad|><|vision_end|>",
     }[(family, bool(frames))]
 
     def build(batch: int):
