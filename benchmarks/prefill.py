@@ -2,8 +2,7 @@
 
 Each setting runs in its own subprocess (so allocator state of one does not flatter another); the table reports
 medians over repeats and ratios to the baseline measured in this same run. Peak memory, from one more prefill apart,
-is the peak resident set size above the resident size before it on CPU (inside
-`illava.tools.measure.memory_returned_to_os`), `torch.cuda.max_memory_allocated` above the allocated size on CUDA.
+is the peak of live tensor memory above the level before it (`illava.tools.measure.PeakMemory`).
 
     python benchmarks/prefill.py                        # CPU, 768x768 image, 3 repeats
     python benchmarks/prefill.py --device cuda --dtype bfloat16 --image-size 1152
@@ -12,7 +11,6 @@ is the peak resident set size above the resident size before it on CPU (inside
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -73,7 +71,7 @@ def measure(setting: str, device: str, dtype: str, image_size: int, repeats: int
     from PIL import Image
 
     import illava
-    from illava.tools.measure import PeakMemory, memory_returned_to_os
+    from illava.tools.measure import PeakMemory
 
     torch.set_num_threads(threads)
     model, processor = build_medium_model(device, dtype)
@@ -97,8 +95,7 @@ def measure(setting: str, device: str, dtype: str, image_size: int, repeats: int
         start = time.perf_counter()
         prefill()
         seconds.append(time.perf_counter() - start)
-    # memory in a run of its own: on CPU, giving freed memory back to the OS slows allocation
-    with memory_returned_to_os() if device == "cpu" else contextlib.nullcontext(), PeakMemory(device) as peak:
+    with PeakMemory(device) as peak:  # a run of its own: on CPU its profiler slows the run
         prefill()
     trace = illava.last_trace(model) if illava.is_applied(model) else None
     llm_tokens = int(inputs["input_ids"].shape[1])

@@ -32,7 +32,7 @@ from ..config import IllavaConfig
 from ..patches import decoder, llava_vit, packed, packing_encoders, qwen_vision
 from ..registry import find_family
 from .cli import ATTN_IMPLEMENTATIONS, CliError, check_device_and_attention
-from .measure import PeakMemory, memory_returned_to_os, on_cuda, stage_spans, synchronize
+from .measure import PeakMemory, on_cuda, stage_spans, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -342,14 +342,13 @@ class Measurement:
 def measure_once(model, processor, family, build_inputs, config: IllavaConfig | None, batch: int, new_tokens: int,
                  device: str, memory: bool = False) -> Measurement:
     """One timed generate(): vision encoder (hooks), prefill (first forward), decode (the rest). `memory`: its
-    peak memory instead (its timings are then not representative: see `memory_returned_to_os`)."""
+    peak memory instead (its timings then include the memory profiler's overhead)."""
     if config is not None:
         api.apply(model, config, processor=processor)
     try:
         inputs = build_inputs(batch)
         peak = PeakMemory(device) if memory else contextlib.nullcontext()
-        returned = memory_returned_to_os() if memory and not on_cuda(device) else contextlib.nullcontext()
-        with torch.no_grad(), returned, stage_spans(model, device) as spans, peak, merge_time(device) as merging:
+        with torch.no_grad(), stage_spans(model, device) as spans, peak, merge_time(device) as merging:
             synchronize(device)
             begin = time.perf_counter()
             model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -448,7 +447,7 @@ def run_suite(model, processor, family, settings: dict, build_inputs, batches, r
               device: str, label: str = "") -> list[dict]:
     """Timings: the fastest of `repeats` rounds (other processes only ever add time; on a shared machine the median
     still moves by several percent); within a round every setting runs once, in turn (interleaved).
-    Peak memory: one more run of each setting, apart (it slows allocation on CPU). Ratios are to the first setting
+    Peak memory: one more run of each setting, apart (its profiler slows the run on CPU). Ratios are to the first setting
     (the baseline) at the same batch; `label` is appended to every setting's name."""
     configs = {name: IllavaConfig(**options) if options else None for name, options in settings.items()}
     rows = []

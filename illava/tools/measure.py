@@ -1,26 +1,15 @@
-"""Measuring a block of work: its peak memory (CUDA peak allocation on GPU, peak resident set size, sampled, on
-CPU) and the wall-clock spans of a model's vision-encoder calls and forwards."""
+"""Measuring a block of work: its peak tensor memory (CUDA's peak allocation on GPU, torch's profiler's allocation
+events on CPU) and the wall-clock spans of a model's vision-encoder calls and forwards."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import logging
-import os
-import threading
 import time
 from collections.abc import Iterator
 
 import torch
 
 from ..registry import find_family
-
-logger = logging.getLogger(__name__)
-
-# glibc's mallopt parameters, and the values its dynamic thresholds settle at for large tensors
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_SETTLED_MMAP_THRESHOLD = 32 * 2**20
 
 
 def on_cuda(device: str | torch.device) -> bool:
@@ -64,22 +53,16 @@ def stage_spans(model, device: str | torch.device = "cpu") -> Iterator[dict[str,
 
 
 class PeakMemory:
-    """`with PeakMemory(device) as peak: ...`; then `peak.bytes` is the peak above the level at entry.
-
-    On CPU the resident set size is sampled every half millisecond from /proc (Linux); freed memory that the
-    allocator keeps is not seen as a drop, so measure inside `memory_returned_to_os()` (or compare runs made in
-    separate processes).
+    """`with PeakMemory(device) as peak: ...`; then `peak.bytes` is the peak of live tensor memory above the level at
+    entry: `torch.cuda.max_memory_allocated` on GPU; on CPU, from the allocations and frees torch's profiler records
+    (`profile_memory`), so neither the allocator's caching nor the rest of the process enters, as on GPU. (Sampling
+    the resident set size instead moved a 50 MiB peak by 70% from run to run: freed memory the allocator keeps, pages
+    faulted in again.) The profiler slows the block a little: take timings apart.
     """
 
     def __init__(self, device: str | torch.device = "cpu"):
-        self.cuda = torch.device(device).type == "cuda"
+        self.cuda = on_cuda(device)
         self.bytes = 0
-        self._running = False
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self) -> PeakMemory:
         if self.cuda:
@@ -87,45 +70,21 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
             return self
-        self._start = self._peak = self._rss()
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
         return self
-
-    def _sample(self) -> None:
-        while self._running:
-            self._peak = max(self._peak, self._rss())
-            time.sleep(0.0005)
 
     def __exit__(self, *exc) -> None:
         if self.cuda:
             torch.cuda.synchronize()
             self.bytes = torch.cuda.max_memory_allocated() - self._start
             return
-        self._running = False
-        self._thread.join()
-        self.bytes = max(self._peak, self._rss()) - self._start
-
-
-@contextlib.contextmanager
-def memory_returned_to_os() -> Iterator[None]:
-    """While inside, a run's resident size rises by what it allocates, so `PeakMemory` on CPU sees each run's own
-    peak: on entry the free memory the allocator kept goes back to the OS (glibc's `malloc_trim`: reusing it
-    page-faults it in again), and new tensors of 64 KiB or more are mmap'ed and unmapped when freed (`mallopt`).
-    Allocation then costs page faults (on this project's CPU machine: 57 -> 73 ms per Qwen3-VL vision block, more
-    for smaller tensors): take timings outside it. Elsewhere than glibc it changes nothing.
-    """
-    library = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(library) if library else None
-    if libc is None or not hasattr(libc, "mallopt") or not libc.mallopt(_M_MMAP_THRESHOLD, 65536):
-        logger.warning("no glibc mallopt here: peak memory on CPU includes memory freed earlier in the process")
-        yield
-        return
-    libc.mallopt(_M_TRIM_THRESHOLD, 0)
-    libc.malloc_trim(0)  # free memory kept from before leaves the resident set, so reusing it counts again
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _SETTLED_MMAP_THRESHOLD)
+        self._profile.__exit__(*exc)
+        # allocations are booked on the op that made them, frees as "[memory]" events: in time order, the running sum
+        changes = sorted((event.time_range.start, event.self_cpu_memory_usage)
+                         for event in self._profile.events() if event.self_cpu_memory_usage)
+        live = peak = 0
+        for _, change in changes:
+            live += change
+            peak = max(peak, live)
+        self.bytes = peak
