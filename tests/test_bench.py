@@ -179,3 +179,11 @@ def test_peak_memory_on_cpu_is_the_peak_of_live_tensors():
         third = torch.ones(2**20)  # 4 MiB: 12 - 16 + 4
         del second, third
     assert abs(peak.bytes - 12 * 2**20) < 2**16
+
+
+def test_stage_fractions_follow_each_stage_and_skip_an_unchanged_one():
+    base = {"vision_s": 2.0, "prefill_s": 4.0, "flops": {"vision": 100.0, "llm_prefill": 200.0}}
+    llm_only = {"vision_s": 2.1, "prefill_s": 3.0, "flops": {"vision": 100.0, "llm_prefill": 125.0}}
+    fractions = bench.stage_fractions(llm_only, base)
+    assert fractions["fraction_of_vision_limit"] is None
+    assert fractions["fraction_of_llm_limit"] == pytest.approx((4 / 3 - 1) / (200 / 125 - 1))

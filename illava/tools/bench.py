@@ -474,9 +474,22 @@ def run_suite(model, processor, family, settings: dict, build_inputs, batches, r
                 if row is not base else 1.0
             row["ratio_peak_memory"] = row["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
             row["merge_share_of_prefill"] = row["merge_s"] / (row["vision_s"] + row["prefill_s"])
+            row.update(stage_fractions(row, base))
             rows.append(row)
             logger.info("batch %d %s: %s", batch, name, row)
     return rows
+
+
+def stage_fractions(row: dict, base: dict) -> dict:
+    """Each stage's speed-up as a fraction of its own FLOPs limit: vision encoder time against vision FLOPs, prefill
+    after it against LLM FLOPs (None where the setting leaves a stage's FLOPs as they are). A setting that changes
+    one stage by a few percent has a whole-prefill fraction at the mercy of the other stage's timing noise."""
+    fractions = {}
+    for stage, seconds, flops in (("vision", "vision_s", "vision"), ("llm", "prefill_s", "llm_prefill")):
+        limit = base["flops"][flops] / row["flops"][flops]
+        speedup = base[seconds] / row[seconds]
+        fractions[f"fraction_of_{stage}_limit"] = (speedup - 1) / (limit - 1) if limit > 1.001 else None
+    return fractions
 
 
 def _fastest_row(name: str, measurements: list[Measurement]) -> dict:
@@ -514,6 +527,10 @@ def video_sweep(model, processor, frame_counts, budget_bytes: int | None, repeat
     return rows, largest
 
 
+def _percent(fraction: float | None) -> str:
+    return "–" if fraction is None else f"{fraction:.0%}"
+
+
 def compile_in_place(model) -> None:
     """`torch.compile` (inductor, dynamic shapes) of the vision encoder and the language model, as users compile
     for speed; illava's merge layers and hooks run eagerly between the compiled graphs (`illava.state.eager`)."""
@@ -523,8 +540,8 @@ def compile_in_place(model) -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ("| setting | batch | visual tokens (LLM in) | LLM seq after merge | GFLOPs | vision ms | prefill ms | "
-              "prefill speed-up | FLOPs limit | of limit | decode tok/s | samples/s | samples/s ratio | merge share | "
-              "peak MiB | mem ratio |")
+              "prefill speed-up | FLOPs limit | of limit | of limit: vision / LLM | decode tok/s | samples/s | "
+              "samples/s ratio | merge share | peak MiB | mem ratio |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         tokens = row["visual_tokens"]
@@ -533,6 +550,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"{tokens['llm_visual_input']} | {tokens['llm_sequence'][-1]} | {row['flops']['total'] / 1e9:.1f} | "
             f"{row['vision_s'] * 1e3:.0f} | {row['prefill_s'] * 1e3:.0f} | {row['ratio_prefill']:.2f}x | "
             f"{row['flops_predicted_speedup']:.2f}x | {row['fraction_of_flops_limit']:.0%} | "
+            f"{_percent(row.get('fraction_of_vision_limit'))} / {_percent(row.get('fraction_of_llm_limit'))} | "
             f"{row['decode_tokens_per_s']:.1f} | {row['samples_per_s']:.2f} | {row['ratio_samples_per_s']:.2f}x | "
             f"{row['merge_share_of_prefill']:.1%} | "
             f"{row['peak_bytes'] / 2**20:.0f} | {row['ratio_peak_memory']:.2f} |"
