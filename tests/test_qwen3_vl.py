@@ -212,37 +212,44 @@ def test_llm_merge_before_the_deepstack_layers_injects_at_the_kept_positions(qwe
         torch.testing.assert_close(kept_embeds, embeds[level][row_of_position[kept_visual]])
 
 
+BATCH_SAMPLES = [
+    dict(images=[random_image(100, 150, seed=1)], text=IMAGE + "describe"),
+    dict(videos=[random_video(4, 84, 112, seed=2)], text=VIDEO + "what happens here"),
+    dict(images=[random_image(84, 84, seed=3)], videos=[random_video(2, 84, 112, seed=4)], text=IMAGE + VIDEO + "both"),
+]
+
+
+def generate_batch(model, processor, batch_samples, **extra):
+    """Greedy tokens and logits of 4 new tokens for a left-padded batch of samples."""
+    images = [image for sample in batch_samples for image in sample.get("images", [])]
+    videos = [video for sample in batch_samples for video in sample.get("videos", [])]
+    inputs = processor(images=images or None, videos=videos or None, text=[s["text"] for s in batch_samples],
+                       padding=True, return_tensors="pt",
+                       **(dict(video_metadata=[metadata(video) for video in videos]) if videos else {}))
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, **extra)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
+def assert_cache_matches_replay_and_batch_matches_alone(model, processor, tokens, logits):
+    replay_tokens, replay_logits = generate_batch(model, processor, BATCH_SAMPLES, use_cache=False)
+    assert torch.equal(tokens, replay_tokens)
+    torch.testing.assert_close(logits, replay_logits, rtol=1e-4, atol=1e-4)
+    for index, sample in enumerate(BATCH_SAMPLES):
+        alone_tokens, alone_logits = generate_batch(model, processor, [sample])
+        assert torch.equal(tokens[index], alone_tokens[0])
+        torch.testing.assert_close(logits[index], alone_logits[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_generate_both_stages_batch_matches_alone_and_cache_matches_replay(backend, moe):
     model, processor = tiny_qwen3(attn_implementation=backend, seed=4, moe=moe)
-    samples = [
-        dict(images=[random_image(100, 150, seed=1)], text=IMAGE + "describe"),
-        dict(videos=[random_video(4, 84, 112, seed=2)], text=VIDEO + "what happens here"),
-        dict(images=[random_image(84, 84, seed=3)], videos=[random_video(2, 84, 112, seed=4)], text=IMAGE + VIDEO + "both"),
-    ]
     options = dict(VIT, enable_illava_llm=True, illava_llm_k="2-4", illava_llm_r=0.8)
-
-    def run(batch_samples, **extra):
-        images = [image for sample in batch_samples for image in sample.get("images", [])]
-        videos = [video for sample in batch_samples for video in sample.get("videos", [])]
-        inputs = processor(images=images or None, videos=videos or None, text=[s["text"] for s in batch_samples],
-                           padding=True, return_tensors="pt",
-                           **(dict(video_metadata=[metadata(video) for video in videos]) if videos else {}))
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, **extra)
-        return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
-
     with illava.applied(model, processor=processor, **options):
-        tokens, logits = run(samples)
+        tokens, logits = generate_batch(model, processor, BATCH_SAMPLES)
         assert len(illava.last_trace(model).language) == 2
-        replay_tokens, replay_logits = run(samples, use_cache=False)
-        assert torch.equal(tokens, replay_tokens)
-        torch.testing.assert_close(logits, replay_logits, rtol=1e-4, atol=1e-4)
-        for index, sample in enumerate(samples):
-            alone_tokens, alone_logits = run([sample])
-            assert torch.equal(tokens[index], alone_tokens[0])
-            torch.testing.assert_close(logits[index], alone_logits[0], rtol=1e-4, atol=1e-4)
+        assert_cache_matches_replay_and_batch_matches_alone(model, processor, tokens, logits)
 
 
 @pytest.mark.parametrize("mode", ["drop", "shift", "pivot"])
@@ -370,34 +377,12 @@ def test_qwen3_5_generate_batch_matches_alone_and_cache_matches_replay(backend, 
     """Merges at linear-attention layers (4, 5: the second ranks the survivors of the first by layer 3's scores)
     and at a full-attention layer (7), both stages, a left-padded batch whose rows keep different counts."""
     model, processor = tiny_qwen3_5(moe=moe, backend=backend, seed=4)
-    samples = [
-        dict(images=[random_image(100, 150, seed=1)], text=IMAGE + "describe"),
-        dict(videos=[random_video(4, 84, 112, seed=2)], text=VIDEO + "what happens here"),
-        dict(images=[random_image(84, 84, seed=3)], videos=[random_video(2, 84, 112, seed=4)], text=IMAGE + VIDEO + "both"),
-    ]
     options = dict(VIT, enable_illava_llm=True, illava_llm_k="4-5-7", illava_llm_r=0.7)
-
-    def run(batch_samples, **extra):
-        images = [image for sample in batch_samples for image in sample.get("images", [])]
-        videos = [video for sample in batch_samples for video in sample.get("videos", [])]
-        inputs = processor(images=images or None, videos=videos or None, text=[s["text"] for s in batch_samples],
-                           padding=True, return_tensors="pt",
-                           **(dict(video_metadata=[metadata(video) for video in videos]) if videos else {}))
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, **extra)
-        return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
-
     with illava.applied(model, processor=processor, **options):
-        tokens, logits = run(samples)
+        tokens, logits = generate_batch(model, processor, BATCH_SAMPLES)
         trace = illava.last_trace(model).language
         assert len(trace) == 3 and bool((trace[0].positions < 0).any())  # padding slots in play
-        replay_tokens, replay_logits = run(samples, use_cache=False)
-        assert torch.equal(tokens, replay_tokens)
-        torch.testing.assert_close(logits, replay_logits, rtol=1e-4, atol=1e-4)
-        for index, sample in enumerate(samples):
-            alone_tokens, alone_logits = run([sample])
-            assert torch.equal(tokens[index], alone_tokens[0])
-            torch.testing.assert_close(logits[index], alone_logits[0], rtol=1e-4, atol=1e-4)
+        assert_cache_matches_replay_and_batch_matches_alone(model, processor, tokens, logits)
 
 
 def test_qwen3_5_several_new_tokens_on_a_merged_cache(qwen3_5):
