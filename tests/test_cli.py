@@ -33,6 +33,8 @@ def workspace(tmp_path_factory):
         "ov": tiny_llava_onevision(image_size=56, vision_layers=4, text_layers=4),
         "qwen": tiny_qwen2_vl(vision_depth=4, text_layers=4),
         "qwen3": tiny_qwen3_vl(vision_depth=4, text_layers=4, deepstack_layers=(0, 2)),
+        # Qwen3.5: full attention at decoder layer 3, Gated-DeltaNet elsewhere
+        "qwen3_5": tiny_qwen3_vl(vision_depth=4, text_layers=8, qwen3_5=True, rotary_fraction=0.5),
     }.items():
         model.save_pretrained(root / name)
         processor.save_pretrained(root / name)
@@ -64,6 +66,18 @@ def test_end_to_end(workspace, capsys, model_name, input_name, kind):
     files = sorted(path.name for path in output_dir.iterdir())
     assert any(name.startswith("attention_map_vit_layer_") for name in files)
     assert any(name.startswith("attention_map_llm_layer_") for name in files)
+
+
+def test_qwen3_5_both_stages_end_to_end(workspace, capsys):
+    """Detected from its config; the LLM stage merges at a linear-attention layer (4), scored by layer 3."""
+    output_dir = workspace / "out-qwen3_5"
+    merging = [value if previous != "--illava_llm_k" else "4" for previous, value in zip([None, *MERGING], MERGING)]
+    status = cli.main(["--model_path", str(workspace / "qwen3_5"), "--input_path", str(workspace / "image.png"),
+                       "--output_dir", str(output_dir), *merging, "--illava_vit_r", "1"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "LLM layer 4" in printed and "[illava] answer:" in printed
+    assert any(path.name.startswith("attention_map_llm_layer_4") for path in output_dir.iterdir())
 
 
 def test_every_merge_layer_keeps_its_own_heatmap(workspace, capsys):
