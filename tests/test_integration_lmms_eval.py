@@ -95,6 +95,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         "qwen2_5_vl": tiny_qwen2_vl(model_class="Qwen2_5_VLForConditionalGeneration"),
         "qwen3_vl": tiny_qwen3_vl(),
         "qwen3_vl_moe": tiny_qwen3_vl(moe=True),
+        "qwen3_5": tiny_qwen3_vl(qwen3_5=True, rotary_fraction=0.5),  # full attention at decoder layer 3
     }
     paths = {}
     for name, (model, processor) in built.items():
@@ -386,6 +387,23 @@ def test_qwen3_vl_generates_and_scores_with_fewer_visual_tokens_when_merging(
     image, video = trace.vision  # of the last generation batch: the image document, then the video document
     assert image.tokens_per_group == video.tokens_per_group == [20, 17, 15]
     assert video.groups_per_item == [2]  # max_num_frames=4 frames, two per temporal patch
+
+
+@needs_lmms_eval
+def test_qwen3_5_generates_and_scores_with_fewer_visual_tokens_in_both_stages(checkpoints, qwen3_docs):
+    from illava.integrations.lmms_eval import Qwen35TrainingFree
+
+    merging = QWEN3_MERGE.replace("illava_llm_k=3", "illava_llm_k=4")  # after the full-attention layer 3
+    lm = Qwen35TrainingFree.create_from_arg_string(
+        f"pretrained={checkpoints['qwen3_5']},device_map=cpu,batch_size=2,{QWEN3_INPUTS},{merging}")
+    assert type(lm.model).__name__ == "Qwen3_5ForConditionalGeneration"
+    lm.task_dict = {"t": {"test": qwen3_docs}}
+    generated = lm.generate_until(qwen3_requests("generate"))
+    scored = lm.loglikelihood(qwen3_requests("loglikelihood"))
+    assert [type(result.text) for result in generated] == [str, str]
+    for result in generated + scored:
+        tokens = result.token_counts.illava["visual_tokens"]
+        assert tokens["vit_layer_2"] < tokens["vit_input"] and tokens["llm_layer_4"] < tokens["llm_input"]
 
 
 @needs_lmms_eval

@@ -28,6 +28,7 @@ from lmms_eval.imports import require_package
 from lmms_eval.models.model_utils.load_video import read_video
 from lmms_eval.models.simple import qwen2_5_vl as lmms_qwen2_5_vl
 from lmms_eval.models.simple import qwen2_vl as lmms_qwen2_vl
+from lmms_eval.models.simple import qwen3_5 as lmms_qwen3_5
 from lmms_eval.models.simple import qwen3_vl as lmms_qwen3_vl
 from lmms_eval.models.simple.llava_hf import LlavaHf
 from tqdm import tqdm
@@ -484,7 +485,7 @@ class Qwen3VLTrainingFree(_QwenTrainingFree, lmms_qwen3_vl.Qwen3_VL):
         resolve = lmms_qwen3_vl._resolve_model_class
 
         def by_model_type(pretrained: str, _name_says_moe: bool):
-            model_class, dtype_key = resolve(pretrained, _checkpoint_type(pretrained) == "qwen3_vl_moe")
+            model_class, dtype_key = resolve(pretrained, _checkpoint_type(pretrained).endswith("_moe"))
             return _LoadsIn(model_class, dtype), dtype_key
 
         return _replaced(lmms_qwen3_vl, "_resolve_model_class", by_model_type)
@@ -527,3 +528,16 @@ class Qwen3VLTrainingFree(_QwenTrainingFree, lmms_qwen3_vl.Qwen3_VL):
     def _generate(self, contexts: list[str], visuals: list[list[Any]], gen_kwargs: dict[str, Any]):
         texts, counts = super()._generate(contexts, visuals, gen_kwargs)
         return [self._strip_thinking(text) for text in texts], counts
+
+
+class Qwen35TrainingFree(Qwen3VLTrainingFree, lmms_qwen3_5.Qwen3_5):
+    """`qwen3_5_training_free`: Qwen3.5 and Qwen3.5-MoE (`Qwen3_5ForConditionalGeneration`,
+    `Qwen3_5MoeForConditionalGeneration`, chosen by the checkpoint's model_type), with lmms-eval's `qwen3_5`
+    defaults (pixels, frames, thinking on); otherwise as `qwen3_vl_training_free`. Its LLM stage merges at layers
+    after the first full-attention layer (3)."""
+
+    model_types = ("qwen3_5", "qwen3_5_moe")
+    registered_name = "qwen3_5_training_free"
+
+    def __init__(self, pretrained: str = "Qwen/Qwen3.5-4B", **kwargs: Any) -> None:
+        super().__init__(pretrained, **kwargs)

@@ -6,9 +6,10 @@
 
 lmms-eval imports the entry point `illava.integrations.lmms_eval:model_manifests` while it builds its model
 registry, so this module stays light: the model classes (`LlavaOneVisionTrainingFree`, `Qwen2VLTrainingFree`,
-`Qwen25VLTrainingFree`, `Qwen3VLTrainingFree` for Qwen3-VL and Qwen3-VL-MoE) live in `_lmms_eval_models` and are
-imported on first access, which is when lmms-eval instantiates one. Their parents, lmms-eval's transformers-based
-`llava_hf` / `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl`, import `decord` at module level; a missing package is reported
+`Qwen25VLTrainingFree`, `Qwen3VLTrainingFree` for Qwen3-VL and Qwen3-VL-MoE, `Qwen35TrainingFree` for Qwen3.5 and
+Qwen3.5-MoE) live in `_lmms_eval_models` and are imported on first access, which is when lmms-eval instantiates
+one. Their parents, lmms-eval's transformers-based `llava_hf` / `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` / `qwen3_5`,
+import `decord` at module level; a missing package is reported
 with the command that installs it.
 """
 
@@ -22,6 +23,7 @@ MODEL_CLASSES = {
     "qwen2_vl_training_free": "Qwen2VLTrainingFree",  # Qwen2-VL, and Qwen2.5-VL checkpoints dispatched by type
     "qwen2_5_vl_training_free": "Qwen25VLTrainingFree",
     "qwen3_vl_training_free": "Qwen3VLTrainingFree",  # Qwen3-VL and Qwen3-VL-MoE
+    "qwen3_5_training_free": "Qwen35TrainingFree",  # Qwen3.5 and Qwen3.5-MoE
 }
 
 INSTALL_HINT = "pip install 'illava[lmms]'  (lmms-eval, decord, qwen-vl-utils)"
