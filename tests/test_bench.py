@@ -43,9 +43,16 @@ def test_suite_counts_tokens_and_flops_from_the_trace():
     assert base["visual_tokens"]["vit_groups"] == merged["visual_tokens"]["vit_groups"] == 5  # base + 2x2 crops
     sequence = merged["visual_tokens"]["llm_sequence"]
     assert len(sequence) == 2 and sequence[1] < sequence[0] < base["visual_tokens"]["llm_sequence"][0]
-    expected = bench.prefill_flops(model, IllavaConfig(**settings["both"]), [16, 13, 10], 5, sequence)
+    vision, text = model.config.vision_config, model.config.text_config
+    # the patch embedding (a 14x14 conv into 32 channels on 5 crops of 4x4 patches) and the head on the last position
+    outside = {"vision": 2.0 * 5 * 16 * vision.hidden_size * 3 * 14 * 14, "llm_prefill": 2.0 * text.vocab_size * text.hidden_size}
+    expected = bench.prefill_flops(model, IllavaConfig(**settings["both"]), [16, 13, 10], 5, sequence, outside=outside)
     assert merged["flops"] == pytest.approx(expected)
-    batched = bench.prefill_flops(model, IllavaConfig(**settings["both"]), [16, 13, 10], 10, sequence, sequences=2)
+    assert base["flops"]["vision"] - bench.prefill_flops(model, IllavaConfig(), [16], 5, [1])["vision"] == \
+        pytest.approx(outside["vision"])
+    doubled = {stage: 2 * value for stage, value in outside.items()}
+    batched = bench.prefill_flops(model, IllavaConfig(**settings["both"]), [16, 13, 10], 10, sequence, sequences=2,
+                                  outside=doubled)
     assert rows[3]["flops"] == pytest.approx(batched)
     assert batched["llm_prefill"] == pytest.approx(2 * expected["llm_prefill"])
     assert merged["flops_predicted_speedup"] == pytest.approx(base["flops"]["total"] / expected["total"])

@@ -122,15 +122,18 @@ def test_attention_received_grouped_query_and_padding():
     assert received[0, 4:].tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(3, 3), (4, 2)])
-def test_attend_and_score_is_attention_and_its_received_mass(monkeypatch, heads, kv_heads):
+@pytest.mark.parametrize("heads, kv_heads, dtype", [(3, 3, torch.float32), (4, 2, torch.float32),
+                                                    (4, 2, torch.bfloat16)])
+def test_attend_and_score_is_attention_and_its_received_mass(monkeypatch, heads, kv_heads, dtype):
     torch.manual_seed(0)
-    query, key, value = torch.randn(2, heads, 50, 8), torch.randn(2, kv_heads, 50, 8), torch.randn(2, kv_heads, 50, 6)
-    monkeypatch.setattr(merge, "_FUSED_CHUNK_ELEMENTS", 2 * heads * 50 * 7)  # several query chunks
+    query, key, value = (torch.randn(2, kv, 50, dim).to(dtype) for kv, dim in ((heads, 8), (kv_heads, 8), (kv_heads, 6)))
+    monkeypatch.setattr(merge, "_FUSED_CHUNK_ELEMENTS", 50 * 7)  # several query chunks, the last one shorter
     output, received = merge.attend_and_score(query, key, value, 0.3)
+    assert output.dtype == dtype and received.dtype == torch.float32
+    query, key, value = query.float(), key.float(), value.float()
     key, value = key.repeat_interleave(heads // kv_heads, dim=1), value.repeat_interleave(heads // kv_heads, dim=1)
     probs = (query @ key.transpose(-1, -2) * 0.3).softmax(dim=-1)
-    torch.testing.assert_close(output, probs @ value)
+    torch.testing.assert_close(output, (probs @ value).transpose(1, 2).to(dtype))
     torch.testing.assert_close(received, probs.sum(dim=2).mean(dim=1))
     torch.testing.assert_close(received, merge.attention_received(query, key, 0.3) * 50)
 

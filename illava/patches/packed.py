@@ -40,16 +40,21 @@ def resliced_rotary(run: VisionRun) -> tuple[torch.Tensor, ...]:
     return tuple(table[run.origin] for table in run.rotary)
 
 
-def pad_segments(values: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`[N, ...]` packed -> `[S, Lmax, ...]` padded, the `[S, Lmax]` validity mask and the `[N]` segment ids."""
+def pad_segments(values: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[N, ...]` packed -> `[S, Lmax, ...]` padded and the `[S, Lmax]` validity mask; segments of one length (a
+    single image, the frames of a video) are a view, not a copy."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    longest = int(lengths.max())
+    if bool((lengths == longest).all()):
+        padded = values.view(lengths.numel(), longest, *values.shape[1:])
+        return padded, torch.ones(padded.shape[:2], dtype=torch.bool, device=values.device)
     segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
     offset = torch.arange(values.shape[0], device=values.device) - cu_seqlens[:-1].long()[segment]
-    padded = values.new_zeros(lengths.numel(), int(lengths.max()), *values.shape[1:])
+    padded = values.new_zeros(lengths.numel(), longest, *values.shape[1:])
     padded[segment, offset] = values
     valid = torch.zeros(padded.shape[:2], dtype=torch.bool, device=values.device)
     valid[segment, offset] = True
-    return padded, valid, segment
+    return padded, valid
 
 
 def merge_packed(
@@ -83,7 +88,7 @@ def merge_packed(
     """
     cu_seqlens = run.cu_seqlens
     removed = run.removals(units_removed, describe_segment, setting)
-    padded_hidden, valid, _ = pad_segments(hidden, cu_seqlens)
+    padded_hidden, valid = pad_segments(hidden, cu_seqlens)
     segments, longest, dim = padded_hidden.shape
     patches = longest - prefix
 
@@ -94,7 +99,7 @@ def merge_packed(
             token_scores = attention_mass(query, key, scale, boundaries)
         if combine_scores is not None:
             token_scores = combine_scores(token_scores)
-        scores, _, _ = pad_segments(token_scores, cu_seqlens)
+        scores, _ = pad_segments(token_scores, cu_seqlens)
         return scores[:, prefix:].reshape(segments, patches // unit, unit).mean(dim=-1)
 
     # a 2x2 window moves as one token
@@ -106,10 +111,10 @@ def merge_packed(
     keep_tokens = torch.cat([valid[:, :prefix], plan.keep.repeat_interleave(unit, dim=1)], dim=1)
     merged = torch.cat([padded_hidden[:, :prefix], merged_units.view(segments, patches, dim)], dim=1)
     survivors = merged[keep_tokens]
-    origin, _, _ = pad_segments(run.origin, cu_seqlens)
+    origin, _ = pad_segments(run.origin, cu_seqlens)
     run.origin = origin[keep_tokens]
     if run.window_of_token is not None:
-        window_of_token, _, _ = pad_segments(run.window_of_token, cu_seqlens)
+        window_of_token, _ = pad_segments(run.window_of_token, cu_seqlens)
         run.window_of_token = window_of_token[keep_tokens]
     run.cu_seqlens = torch.nn.functional.pad(keep_tokens.sum(dim=1).cumsum(0), (1, 0)).to(cu_seqlens.dtype)
     unit_cu_seqlens = torch.nn.functional.pad(units_before.cumsum(0), (1, 0))
@@ -120,7 +125,7 @@ def merge_packed(
 
 def attention_mass(query, key, scale, cu_seqlens) -> torch.Tensor:
     """`[N]` attention each token receives from the queries of its segment, summed over queries, mean over heads."""
-    padded_query, valid, _ = pad_segments(query, cu_seqlens)
-    padded_key, _, _ = pad_segments(key, cu_seqlens)
+    padded_query, valid = pad_segments(query, cu_seqlens)
+    padded_key, _ = pad_segments(key, cu_seqlens)
     received = merge.attention_received(padded_query.transpose(1, 2), padded_key.transpose(1, 2), scale, valid=valid)
     return (received * valid.sum(dim=1, keepdim=True))[valid]

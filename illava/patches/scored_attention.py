@@ -7,8 +7,8 @@ implementation registered in the `AttentionInterface`, which computes the output
 probabilities (`merge.attend_and_score`: 45 ms together). The module keeps its own projections and rotary
 embedding; only the softmax(q k^T) v step is replaced, only where the model runs sdpa, and only in a call where
 the layer removes tokens (otherwise sdpa runs as it would unpatched: r=0 computes exactly what the model does).
-Flash attention (packed varlen kernels), eager attention and CUDA sdpa keep their kernels: the scores then come from
-a side pass.
+Flash attention (packed varlen kernels), eager attention, CUDA sdpa and calls that record gradients keep their
+kernels: the scores then come from a side pass.
 """
 
 from __future__ import annotations
@@ -51,11 +51,12 @@ def scored_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise RuntimeError(f"illava: {type(module).__name__} called a scored merge layer with an attention mask or "
                            "dropout; illava's ViT merge layers expect neither")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if query.device.type == "cuda":  # sdpa's fused kernels are faster there than one fp32 pass
+    differentiable = torch.is_grad_enabled() and any(part.requires_grad for part in (query, key, value))
+    # on CUDA sdpa's fused kernels are faster than one fp32 pass; attend_and_score is for inference only
+    if query.device.type == "cuda" or differentiable:
         output, _ = compat.attention_function(original)(module, query, key, value, None, scaling=scale, **kwargs)
         received = merge.attention_received(query, key, scale) * query.shape[-2]
     else:
         output, received = merge.attend_and_score(query, key, value, scale)
-        output = output.transpose(1, 2).contiguous()
     slot.setdefault("received", []).append(received.flatten())
     return output, None

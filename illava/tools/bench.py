@@ -254,12 +254,12 @@ def gated_delta_net_flops(tokens: int, width: int, mlp: int, text) -> float:
 
 
 def prefill_flops(model, config: IllavaConfig, vit_counts: list[int], vit_groups: int, llm_counts: list[int],
-                  sequences: int = 1) -> dict[str, float]:
+                  sequences: int = 1, outside: dict[str, float] | None = None) -> dict[str, float]:
     """Vision and LLM prefill FLOPs for a run whose token counts the trace recorded.
 
     `vit_counts`: tokens per group (crop/frame) before the first ViT merge layer and after each, over `vit_groups`
     groups in all; `llm_counts`: length of each of the `sequences` prompts before the first LLM merge layer and
-    after each.
+    after each. `outside`: FLOPs counted outside those layers (`outside_layer_flops`), added per stage.
     """
     vision = model.config.vision_config
     text = model.config.text_config
@@ -284,7 +284,54 @@ def prefill_flops(model, config: IllavaConfig, vit_counts: list[int], vit_groups
         else:
             llm_flops += sequences * llm_prefill_flops(tokens, text.hidden_size, text.intermediate_size, kv_width,
                                                        gated=gated)
+    outside = outside or {}
+    vision_flops += outside.get("vision", 0.0)
+    llm_flops += outside.get("llm_prefill", 0.0)
     return {"vision": vision_flops, "llm_prefill": llm_flops, "total": vision_flops + llm_flops}
+
+
+@contextlib.contextmanager
+def outside_layer_flops(model):
+    """FLOPs of the prefill's matmuls outside the transformer layers the analytic counts cover: patch embedding,
+    patch mergers (Qwen's, DeepStack's), the language model's head on the positions it scores. Counted by hooks on
+    every Linear / Conv module outside a `layers` / `blocks` list: into "vision" inside the vision tower (timed as
+    vision), into "llm_prefill" during the first forward (timed as prefill); calls outside both spans (e.g. a
+    projector generate() runs before its first forward, or decode steps) are left out, like their time."""
+    counted = {"vision": 0.0, "llm_prefill": 0.0}
+    tower = find_family(model).vision_tower(model)
+    in_tower = {id(module) for module in tower.modules()}
+    state = {"prefill": False, "done": False}
+
+    def count(module, args, output):
+        if isinstance(module, torch.nn.Linear):
+            per_output = module.in_features
+        else:
+            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+        flops = 2.0 * output.numel() * per_output
+        if id(module) in in_tower:
+            counted["vision"] += flops
+        elif state["prefill"]:
+            counted["llm_prefill"] += flops
+
+    def enter(module, *unused):
+        state["prefill"] = not state["done"]
+
+    def leave(module, *unused):
+        state["prefill"], state["done"] = False, True
+
+    handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        inside_layers = any(part in ("layers", "blocks") and index + 1 < len(parts) and parts[index + 1].isdigit()
+                            for index, part in enumerate(parts))
+        if not inside_layers and isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d,
+                                                     torch.nn.Conv3d)):
+            handles.append(module.register_forward_hook(count))
+    try:
+        yield counted
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # -- measurement ---------------------------------------------------------------------------------------------
@@ -348,7 +395,8 @@ def measure_once(model, processor, family, build_inputs, config: IllavaConfig | 
     try:
         inputs = build_inputs(batch)
         peak = PeakMemory(device) if memory else contextlib.nullcontext()
-        with torch.no_grad(), stage_spans(model, device) as spans, peak, merge_time(device) as merging:
+        with torch.no_grad(), stage_spans(model, device) as spans, peak, merge_time(device) as merging, \
+                outside_layer_flops(model) as outside:
             synchronize(device)
             begin = time.perf_counter()
             model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -358,7 +406,7 @@ def measure_once(model, processor, family, build_inputs, config: IllavaConfig | 
         visual = _visual_tokens(model, inputs, trace)
         flops = prefill_flops(
             model, config or IllavaConfig(), visual["vit_per_group"], visual["vit_groups"], visual["llm_sequence"],
-            sequences=batch,
+            sequences=batch, outside=outside,
         )
     finally:
         if config is not None:
