@@ -8,20 +8,32 @@ import torch
 import illava
 from illava.patches import scored_attention
 
-from .conftest import QWEN_IMAGE, QWEN_VIDEO, QWEN_VIT, logits_of, random_image, random_video, tiny_qwen2, tiny_qwen3
+from .conftest import (QWEN_IMAGE, QWEN_VIDEO, QWEN_VIT, logits_of, random_image, random_video, tiny_ov, tiny_qwen2,
+                       tiny_qwen3)
 
 CASES = {
     "qwen2_5_vl": lambda backend: tiny_qwen2(attn_implementation=backend, model_class="Qwen2_5_VLForConditionalGeneration"),
     "qwen3_vl": lambda backend: tiny_qwen3(attn_implementation=backend),
+    "llava_onevision": lambda backend: tiny_ov(attn_implementation=backend),
 }
+
+
+def _layers(model):
+    """Each vision layer and its attention module."""
+    if hasattr(model.model, "visual"):
+        return [(block, block.attn) for block in model.model.visual.blocks]
+    return [(layer, layer.self_attn) for layer in model.model.vision_tower.encoder.layers]
 
 
 def _inputs(processor):
     extra = {}
+    text = QWEN_IMAGE + QWEN_VIDEO + "describe"
     if "Qwen3" in type(processor).__name__:
         extra["video_metadata"] = [dict(total_num_frames=4, fps=2.0, frames_indices=[0, 1, 2, 3])]
+    if "LlavaOnevision" in type(processor).__name__:
+        text = "<image><video>describe"
     return processor(images=[random_image(100, 150, seed=1)], videos=[random_video(4, 84, 112, seed=2)],
-                     text=QWEN_IMAGE + QWEN_VIDEO + "describe", return_tensors="pt", **extra)
+                     text=text, return_tensors="pt", **extra)
 
 
 def _merged_run(model, processor):
@@ -35,14 +47,14 @@ def _merged_run(model, processor):
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_scoring_inside_the_attention_equals_a_second_pass(monkeypatch, family):
     model, processor = CASES[family]("sdpa")
-    blocks = model.model.visual.blocks
-    shared = blocks[0].attn.config
+    attentions = [attention for _, attention in _layers(model)]
+    shared = attentions[0].config
     with illava.applied(model, processor=processor, **QWEN_VIT):
-        rerouted = [index for index, block in enumerate(blocks) if block.attn.config is not shared]
+        rerouted = [index for index, attention in enumerate(attentions) if attention.config is not shared]
         assert rerouted == [2, 3]
-        assert blocks[2].attn.config._attn_implementation == scored_attention.NAME
+        assert attentions[2].config._attn_implementation == scored_attention.NAME
         assert model.config.vision_config._attn_implementation == "sdpa"
-    assert all(block.attn.config is shared and not hasattr(block.attn, "_illava_scores") for block in blocks)
+    assert all(attention.config is shared and not hasattr(attention, "_illava_scores") for attention in attentions)
 
     logits, positions = _merged_run(model, processor)
     monkeypatch.setattr(scored_attention, "FUSED_IMPLEMENTATIONS", ())  # the side pass over captured q and k
@@ -51,11 +63,12 @@ def test_scoring_inside_the_attention_equals_a_second_pass(monkeypatch, family):
     torch.testing.assert_close(logits, side_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_eager_attention_is_not_rerouted():
-    model, processor = CASES["qwen3_vl"]("eager")
-    shared = model.model.visual.blocks[0].attn.config
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_eager_attention_is_not_rerouted(family):
+    model, processor = CASES[family]("eager")
+    shared = _layers(model)[0][1].config
     with illava.applied(model, processor=processor, **QWEN_VIT):
-        assert all(block.attn.config is shared for block in model.model.visual.blocks)
+        assert all(attention.config is shared for _, attention in _layers(model))
 
 
 def test_a_scored_layer_refuses_an_attention_mask():

@@ -3,9 +3,10 @@
 Each batch row of the encoder is one crop or frame; each is merged independently, so every row keeps the same
 count and the hidden states stay a dense `[rows, tokens, dim]` tensor.
 
-The merge happens inside layer k, after the attention residual and before LN2/MLP. The scores come from the
-layer's own q and k (captured by forward hooks on `q_proj` / `k_proj`), so they are the same whatever attention
-backend the model runs.
+The merge happens inside layer k, after the attention residual and before LN2/MLP. The scores are the attention
+the layer's own q and k give each token: computed by the layer's attention itself where it runs sdpa
+(`scored_attention`), else from q and k captured by forward hooks on `q_proj` / `k_proj`; the same whatever
+attention backend the model runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from .. import merge
 from ..state import IllavaState
 from ..trace import VisionTrace
+from .scored_attention import score_in_attention
 from .vision_stage import VisionRun, VisionStage, merge_groups
 
 
@@ -64,23 +66,41 @@ class SiglipStage(VisionStage):
         return VisionRun.start(grids, track, modality=self.modality_of_call())
 
     def capture(self, layer):
-        return self.capture_outputs(q=layer.self_attn.q_proj, k=layer.self_attn.k_proj)
+        slot: dict = {}
+        if not score_in_attention(self.state, layer.self_attn, slot):
+            slot = self.capture_outputs(q=layer.self_attn.q_proj, k=layer.self_attn.k_proj)
+        return slot
 
     def layer_forward(self, slot):
-        return merging_layer_forward(functools.partial(self._merge, slot))
+        merging_forward = merging_layer_forward(functools.partial(self._merge, slot))
+
+        def forward(layer, *args, **kwargs):
+            slot.clear()  # what a failed call may have left
+            slot["score"] = self.run is not None and any(
+                self.config.vit_tokens_removed(count) for count in self.run.counts[-1].tolist())
+            return merging_forward(layer, *args, **kwargs)
+
+        return forward
 
     def _merge(self, slot: dict, layer, hidden_states, attention_mask) -> torch.Tensor:
         """Merge every row (crop/frame) of `[rows, tokens, dim]`; rows are never padded in LLaVA-OneVision, and all
-        keep the same count."""
+        keep the same count. Scores from the layer's own attention (`scored_attention`) or from its captured q and
+        k (other attention implementations)."""
         if attention_mask is not None:
             raise ValueError("illava: ViT merging in a SigLIP tower that receives an attention mask is not supported")
         run = self.run
         rows, tokens, _ = hidden_states.shape
-        query, key = captured_query_key(layer, slot, rows, tokens)
+        received = slot.pop("received", None)
+
+        def scores():  # called only where the layer removes tokens
+            if received is not None:
+                return torch.cat(received).view(rows, tokens) / tokens
+            query, key = captured_query_key(layer, slot, rows, tokens)
+            return merge.attention_received(query, key, layer.self_attn.scale)
+
         removed = run.removals(self.config.vit_tokens_removed, lambda row: f"crop/frame {row} ({tokens} tokens)",
                                self.describe_setting())
-        merged, plan = merge_groups(run, hidden_states, lambda: merge.attention_received(query, key, layer.self_attn.scale),
-                                    removed, self.config.merge_options("vit"))
+        merged, plan = merge_groups(run, hidden_states, scores, removed, self.config.merge_options("vit"))
         return merged if plan is None else merge.compact(merged, plan.keep)
 
     def finish(self, run, output):
