@@ -45,7 +45,8 @@ def test_suite_counts_tokens_and_flops_from_the_trace():
     assert len(sequence) == 2 and sequence[1] < sequence[0] < base["visual_tokens"]["llm_sequence"][0]
     vision, text = model.config.vision_config, model.config.text_config
     # the patch embedding (a 14x14 conv into 32 channels on 5 crops of 4x4 patches) and the head on the last position
-    outside = {"vision": 2.0 * 5 * 16 * vision.hidden_size * 3 * 14 * 14, "llm_prefill": 2.0 * text.vocab_size * text.hidden_size}
+    outside = {"vision": 2.0 * 5 * 16 * vision.hidden_size * 3 * 14 * 14,
+               "llm_prefill": 2.0 * text.vocab_size * text.hidden_size}
     expected = bench.prefill_flops(model, IllavaConfig(**settings["both"]), [16, 13, 10], 5, sequence, outside=outside)
     assert merged["flops"] == pytest.approx(expected)
     assert base["flops"]["vision"] - bench.prefill_flops(model, IllavaConfig(), [16], 5, [1])["vision"] == \
