@@ -190,8 +190,31 @@ def test_peak_memory_on_cpu_is_the_peak_of_live_tensors():
 
 
 def test_stage_fractions_follow_each_stage_and_skip_an_unchanged_one():
-    base = {"vision_s": 2.0, "prefill_s": 4.0, "flops": {"vision": 100.0, "llm_prefill": 200.0}}
-    llm_only = {"vision_s": 2.1, "prefill_s": 3.0, "flops": {"vision": 100.0, "llm_prefill": 125.0}}
+    base = {"flops": {"vision": 100.0, "llm_prefill": 200.0}}
+    llm_only = {"stage_speedups": {"vision": 2 / 2.1, "llm": 4 / 3}, "flops": {"vision": 100.0, "llm_prefill": 125.0}}
     fractions = bench.stage_fractions(llm_only, base)
     assert fractions["fraction_of_vision_limit"] is None
     assert fractions["fraction_of_llm_limit"] == pytest.approx((4 / 3 - 1) / (200 / 125 - 1))
+
+
+def test_ratios_pair_each_round_with_its_own_baseline(monkeypatch):
+    """The machine slows down after the first round: the fastest times of the two settings come from different
+    rounds and their ratio (2.0 / 1.3) is not the speed-up every paired round measures (2.0)."""
+    rounds = iter([("baseline", 2.0), ("merged", 1.3),  # warm-up
+                   ("baseline", 2.0), ("merged", 1.3), ("baseline", 3.0), ("merged", 1.5), ("baseline", 3.0),
+                   ("merged", 1.5), ("baseline", 9.9), ("merged", 9.9)])  # the last pair: the memory runs
+
+    def measure_once(model, processor, family, build_inputs, config, batch, new_tokens, device, memory=False):
+        name, seconds = next(rounds)
+        assert (config is None) == (name == "baseline")
+        return bench.Measurement(setting="", batch=batch, visual_tokens={}, flops={"vision": 1.0, "llm_prefill": 1.0,
+                                 "total": 2.0}, vision_s=seconds / 2, prefill_s=seconds / 2, decode_tokens_per_s=1.0,
+                                 end_to_end_s=seconds, merge_s=0.0, peak_bytes=1)
+
+    monkeypatch.setattr(bench, "measure_once", measure_once)
+    settings = {"baseline": {}, "merged": dict(enable_illava_vit=True, illava_vit_k="1", illava_vit_r=1)}
+    base, merged = bench.run_suite(None, None, "qwen3_vl", settings, None, [1], 3, 2, "cpu")
+    assert merged["vision_s"] + merged["prefill_s"] == 1.3  # the fastest round is shown
+    assert merged["ratio_prefill"] == pytest.approx(2.0) and merged["ratio_end_to_end"] == pytest.approx(2.0)
+    assert merged["stage_speedups"] == pytest.approx({"vision": 2.0, "llm": 2.0})
+    assert base["ratio_prefill"] == 1.0 and len(merged["rounds"]) == 3

@@ -1,6 +1,6 @@
 """Efficiency benchmark: visual tokens, analytic FLOPs, vision / prefill / decode time, throughput and peak memory of
-baseline vs iLLaVA settings, measured side by side in one process (interleaved, with warm-up, the fastest of the
-repeats).
+baseline vs iLLaVA settings, measured side by side in one process (interleaved rounds after a warm-up; times of the
+fastest round, ratios the median of each round's ratio to its own baseline run).
 
     python -m illava.tools.bench --geometry llava-ov-7b-cpu            # reduced width, runs on a CPU in minutes
     python -m illava.tools.bench --geometry llava-ov-7b --device cuda --dtype bfloat16 --attn sdpa
@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -493,10 +494,12 @@ def _inputs_builder(model, processor, family: str, image_size: int, frames: int 
 
 def run_suite(model, processor, family, settings: dict, build_inputs, batches, repeats: int, new_tokens: int,
               device: str, label: str = "") -> list[dict]:
-    """Timings: the fastest of `repeats` rounds (other processes only ever add time; on a shared machine the median
-    still moves by several percent); within a round every setting runs once, in turn (interleaved).
-    Peak memory: one more run of each setting, apart (its profiler slows the run on CPU). Ratios are to the first setting
-    (the baseline) at the same batch; `label` is appended to every setting's name."""
+    """Rounds: within a round every setting runs once, in turn (interleaved), `repeats` rounds. Times shown: the
+    fastest round's (other processes only ever add time). Ratios to the baseline (the first setting, same batch):
+    the median over rounds of the ratio to the baseline run in the same round, seconds apart; on a shared machine
+    whose speed drifts over minutes, a ratio of two fastest rounds taken at different times moved a 16% saving by
+    a fifth, paired ratios cancel the drift. Peak memory: one more run of each setting, apart (its profiler slows
+    the run on CPU). `label` is appended to every setting's name."""
     configs = {name: IllavaConfig(**options) if options else None for name, options in settings.items()}
     rows = []
     for batch in batches:
@@ -509,33 +512,42 @@ def run_suite(model, processor, family, settings: dict, build_inputs, batches, r
                                                   new_tokens, device))
         peaks = {name: measure_once(model, processor, family, build_inputs, config, batch, new_tokens, device,
                                     memory=True).peak_bytes for name, config in configs.items()}
+        base_name = next(iter(configs))
         base = None
         for name in configs:
             row = _fastest_row(name + label, samples[name])
             row["peak_bytes"] = peaks[name]
             base = base or row
-            row["ratio_prefill"] = (base["vision_s"] + base["prefill_s"]) / (row["vision_s"] + row["prefill_s"])
-            row["ratio_end_to_end"] = base["end_to_end_s"] / row["end_to_end_s"]
-            row["ratio_samples_per_s"] = row["samples_per_s"] / base["samples_per_s"]
+
+            def paired(seconds, name=name):
+                """Median over rounds of baseline time / this setting's time."""
+                return statistics.median(seconds(b) / seconds(m) for b, m in zip(samples[base_name], samples[name]))
+
+            row["ratio_prefill"] = paired(lambda m: m.vision_s + m.prefill_s)
+            row["ratio_end_to_end"] = paired(lambda m: m.end_to_end_s)
+            row["ratio_samples_per_s"] = row["ratio_end_to_end"]  # same batch
+            row["stage_speedups"] = {"vision": paired(lambda m: m.vision_s), "llm": paired(lambda m: m.prefill_s)}
             row["flops_predicted_speedup"] = base["flops"]["total"] / row["flops"]["total"]
             row["fraction_of_flops_limit"] = (row["ratio_prefill"] - 1) / max(row["flops_predicted_speedup"] - 1, 1e-9) \
                 if row is not base else 1.0
             row["ratio_peak_memory"] = row["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
             row["merge_share_of_prefill"] = row["merge_s"] / (row["vision_s"] + row["prefill_s"])
+            row["rounds"] = [dataclasses.asdict(measurement) for measurement in samples[name]]
             row.update(stage_fractions(row, base))
             rows.append(row)
-            logger.info("batch %d %s: %s", batch, name, row)
+            logger.info("batch %d %s: %s", batch, name, {key: value for key, value in row.items() if key != "rounds"})
     return rows
 
 
 def stage_fractions(row: dict, base: dict) -> dict:
-    """Each stage's speed-up as a fraction of its own FLOPs limit: vision encoder time against vision FLOPs, prefill
-    after it against LLM FLOPs (None where the setting leaves a stage's FLOPs as they are). A setting that changes
-    one stage by a few percent has a whole-prefill fraction at the mercy of the other stage's timing noise."""
+    """Each stage's speed-up (`row["stage_speedups"]`) as a fraction of its own FLOPs limit: vision encoder time
+    against vision FLOPs, prefill after it against LLM FLOPs (None where the setting leaves a stage's FLOPs as they
+    are). A setting that changes one stage by a few percent has a whole-prefill fraction at the mercy of the other
+    stage's timing noise."""
     fractions = {}
-    for stage, seconds, flops in (("vision", "vision_s", "vision"), ("llm", "prefill_s", "llm_prefill")):
+    for stage, flops in (("vision", "vision"), ("llm", "llm_prefill")):
         limit = base["flops"][flops] / row["flops"][flops]
-        speedup = base[seconds] / row[seconds]
+        speedup = row["stage_speedups"][stage]
         fractions[f"fraction_of_{stage}_limit"] = (speedup - 1) / (limit - 1) if limit > 1.001 else None
     return fractions
 
