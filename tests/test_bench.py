@@ -207,9 +207,10 @@ def test_ratios_pair_each_round_with_its_own_baseline(monkeypatch):
     def measure_once(model, processor, family, build_inputs, config, batch, new_tokens, device, memory=False):
         name, seconds = next(rounds)
         assert (config is None) == (name == "baseline")
-        return bench.Measurement(setting="", batch=batch, visual_tokens={}, flops={"vision": 1.0, "llm_prefill": 1.0,
-                                 "total": 2.0}, vision_s=seconds / 2, prefill_s=seconds / 2, decode_tokens_per_s=1.0,
-                                 end_to_end_s=seconds, merge_s=0.0, peak_bytes=1)
+        flops = 2.0 if name == "baseline" else 1.0  # a FLOPs limit of 2x
+        return bench.Measurement(setting="", batch=batch, visual_tokens={}, flops={"vision": flops, "llm_prefill": flops,
+                                 "total": 2 * flops}, vision_s=seconds / 2, prefill_s=seconds / 2,
+                                 decode_tokens_per_s=1.0, end_to_end_s=seconds, merge_s=0.0, peak_bytes=1)
 
     monkeypatch.setattr(bench, "measure_once", measure_once)
     settings = {"baseline": {}, "merged": dict(enable_illava_vit=True, illava_vit_k="1", illava_vit_r=1)}
@@ -218,3 +219,6 @@ def test_ratios_pair_each_round_with_its_own_baseline(monkeypatch):
     assert merged["ratio_prefill"] == pytest.approx(2.0) and merged["ratio_end_to_end"] == pytest.approx(2.0)
     assert merged["stage_speedups"] == pytest.approx({"vision": 2.0, "llm": 2.0})
     assert base["ratio_prefill"] == 1.0 and len(merged["rounds"]) == 3
+    assert merged["fraction_of_flops_limit"] == pytest.approx(1.0)
+    low, high = merged["fraction_of_flops_limit_quartiles"]  # the middle half of the rounds' (0.54, 1, 1)
+    assert low < 1.0 and high == pytest.approx(1.0)

@@ -528,8 +528,12 @@ def run_suite(model, processor, family, settings: dict, build_inputs, batches, r
             row["ratio_samples_per_s"] = row["ratio_end_to_end"]  # same batch
             row["stage_speedups"] = {"vision": paired(lambda m: m.vision_s), "llm": paired(lambda m: m.prefill_s)}
             row["flops_predicted_speedup"] = base["flops"]["total"] / row["flops"]["total"]
-            row["fraction_of_flops_limit"] = (row["ratio_prefill"] - 1) / max(row["flops_predicted_speedup"] - 1, 1e-9) \
-                if row is not base else 1.0
+            row["fraction_of_flops_limit"] = _fraction(row["ratio_prefill"], row) if row is not base else 1.0
+            per_round = [(b.vision_s + b.prefill_s) / (m.vision_s + m.prefill_s)
+                         for b, m in zip(samples[base_name], samples[name])]
+            quartiles = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+            row["fraction_of_flops_limit_quartiles"] = [_fraction(quartiles[0], row), _fraction(quartiles[2], row)] \
+                if row is not base else [1.0, 1.0]
             row["ratio_peak_memory"] = row["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
             row["merge_share_of_prefill"] = row["merge_s"] / (row["vision_s"] + row["prefill_s"])
             row["rounds"] = [dataclasses.asdict(measurement) for measurement in samples[name]]
@@ -537,6 +541,11 @@ def run_suite(model, processor, family, settings: dict, build_inputs, batches, r
             rows.append(row)
             logger.info("batch %d %s: %s", batch, name, {key: value for key, value in row.items() if key != "rounds"})
     return rows
+
+
+def _fraction(speedup: float, row: dict) -> float:
+    """A prefill speed-up as a fraction of the setting's FLOPs limit: (measured - 1) / (predicted - 1)."""
+    return (speedup - 1) / max(row["flops_predicted_speedup"] - 1, 1e-9)
 
 
 def stage_fractions(row: dict, base: dict) -> dict:
@@ -591,6 +600,14 @@ def _percent(fraction: float | None) -> str:
     return "–" if fraction is None else f"{fraction:.0%}"
 
 
+def _with_quartiles(row: dict) -> str:
+    """The fraction of the limit, and the middle half of the rounds' fractions where rounds disagree."""
+    low, high = row.get("fraction_of_flops_limit_quartiles", [None, None])
+    if low is None or round(low, 2) == round(high, 2):
+        return _percent(row["fraction_of_flops_limit"])
+    return f"{_percent(row['fraction_of_flops_limit'])} ({low * 100:.0f}–{high * 100:.0f})"
+
+
 def compile_in_place(model) -> None:
     """`torch.compile` (inductor, dynamic shapes) of the vision encoder and the language model, as users compile
     for speed; illava's merge layers and hooks run eagerly between the compiled graphs (`illava.state.eager`)."""
@@ -600,7 +617,7 @@ def compile_in_place(model) -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ("| setting | batch | visual tokens (LLM in) | LLM seq after merge | GFLOPs | vision ms | prefill ms | "
-              "prefill speed-up | FLOPs limit | of limit | of limit: vision / LLM | decode tok/s | samples/s | "
+              "prefill speed-up | FLOPs limit | of limit (rounds' middle half) | of limit: vision / LLM | decode tok/s | samples/s | "
               "samples/s ratio | merge share | peak MiB | mem ratio |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
@@ -609,7 +626,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {row['setting']}{' @' + str(row['frames']) + 'f' if 'frames' in row else ''} | {row['batch']} | "
             f"{tokens['llm_visual_input']} | {tokens['llm_sequence'][-1]} | {row['flops']['total'] / 1e9:.1f} | "
             f"{row['vision_s'] * 1e3:.0f} | {row['prefill_s'] * 1e3:.0f} | {row['ratio_prefill']:.2f}x | "
-            f"{row['flops_predicted_speedup']:.2f}x | {row['fraction_of_flops_limit']:.0%} | "
+            f"{row['flops_predicted_speedup']:.2f}x | {_with_quartiles(row)} | "
             f"{_percent(row.get('fraction_of_vision_limit'))} / {_percent(row.get('fraction_of_llm_limit'))} | "
             f"{row['decode_tokens_per_s']:.1f} | {row['samples_per_s']:.2f} | {row['ratio_samples_per_s']:.2f}x | "
             f"{row['merge_share_of_prefill']:.1%} | "
