@@ -519,21 +519,23 @@ def run_suite(model, processor, family, settings: dict, build_inputs, batches, r
             row["peak_bytes"] = peaks[name]
             base = base or row
 
-            def paired(seconds, name=name):
-                """Median over rounds of baseline time / this setting's time."""
-                return statistics.median(seconds(b) / seconds(m) for b, m in zip(samples[base_name], samples[name]))
+            def per_round(seconds, name=name):
+                """Baseline time / this setting's time, round by round."""
+                return [seconds(b) / seconds(m) for b, m in zip(samples[base_name], samples[name])]
 
-            row["ratio_prefill"] = paired(lambda m: m.vision_s + m.prefill_s)
-            row["ratio_end_to_end"] = paired(lambda m: m.end_to_end_s)
+            prefill_ratios = per_round(lambda m: m.vision_s + m.prefill_s)
+            row["ratio_prefill"] = statistics.median(prefill_ratios)
+            row["ratio_end_to_end"] = statistics.median(per_round(lambda m: m.end_to_end_s))
             row["ratio_samples_per_s"] = row["ratio_end_to_end"]  # same batch
-            row["stage_speedups"] = {"vision": paired(lambda m: m.vision_s), "llm": paired(lambda m: m.prefill_s)}
+            row["stage_speedups"] = {"vision": statistics.median(per_round(lambda m: m.vision_s)),
+                                     "llm": statistics.median(per_round(lambda m: m.prefill_s))}
             row["flops_predicted_speedup"] = base["flops"]["total"] / row["flops"]["total"]
-            row["fraction_of_flops_limit"] = _fraction(row["ratio_prefill"], row) if row is not base else 1.0
-            per_round = [(b.vision_s + b.prefill_s) / (m.vision_s + m.prefill_s)
-                         for b, m in zip(samples[base_name], samples[name])]
-            quartiles = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
-            row["fraction_of_flops_limit_quartiles"] = [_fraction(quartiles[0], row), _fraction(quartiles[2], row)] \
-                if row is not base else [1.0, 1.0]
+            if row is base:
+                row["fraction_of_flops_limit"], row["fraction_of_flops_limit_quartiles"] = 1.0, [1.0, 1.0]
+            else:
+                quartiles = statistics.quantiles(prefill_ratios, n=4) if len(prefill_ratios) > 1 else prefill_ratios * 3
+                row["fraction_of_flops_limit"] = _fraction(row["ratio_prefill"], row)
+                row["fraction_of_flops_limit_quartiles"] = [_fraction(quartiles[0], row), _fraction(quartiles[2], row)]
             row["ratio_peak_memory"] = row["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
             row["merge_share_of_prefill"] = row["merge_s"] / (row["vision_s"] + row["prefill_s"])
             row["rounds"] = [dataclasses.asdict(measurement) for measurement in samples[name]]
