@@ -129,36 +129,39 @@ def _plan_pivot(x, order, rank, r, available, valid, pc_ratio) -> MergePlan:
     keep_count = available - r
     centres = torch.round(keep_count.float() * pc_ratio).long().clamp(min=1)
     centres = torch.minimum(centres, keep_count).masked_fill(r == 0, 0)
-    best_first = torch.where(valid, available[:, None] - 1 - rank, num_tokens)  # 0 = the best valid token
-    is_centre = valid & (best_first >= (keep_count - centres)[:, None]) & (best_first < keep_count[:, None])
-    removed = valid & (best_first >= keep_count[:, None])
+    removed = rank < r[:, None]  # the r lowest-ranked, all valid
     max_centres = int(centres.max()) if num_groups else 0
     if max_centres == 0:
         empty = torch.zeros(num_groups, 0, dtype=torch.long, device=device)
         owner = torch.arange(num_tokens, device=device).expand(num_groups, -1).masked_fill(~valid, -1)
         return MergePlan(valid.clone(), empty, empty[..., None], empty[..., None].float(), owner)
-    # centres in their best-first order, padded with slot 0 (weights 0 mark the padding)
-    centre_rank = torch.where(is_centre, best_first, num_tokens)
-    targets = centre_rank.argsort(dim=1, stable=True)[:, :max_centres]
-    target_valid = torch.arange(max_centres, device=device)[None, :] < centres[:, None]
-    features = x.float()
-    similarity = torch.einsum("gtd,gnd->gtn", features.gather(1, targets[..., None].expand(-1, -1, x.shape[-1])),
-                              features) / features.shape[-1] ** 0.5
-    similarity = similarity.masked_fill(~removed[:, None, :], float("-inf"))
-    neighbours = int(min(5, int(r.max())))
-    values, picked = similarity.topk(neighbours, dim=-1)
+    # Ranks r .. r+centres-1 are the centres, listed best first; the removed tokens are ranks 0 .. r-1, so only
+    # those columns of the similarity are computed (padding: weight 0 for centres, -inf similarity for columns).
+    max_r = int(r.max())
+    slot = torch.arange(max_centres, device=device)
+    target_valid = slot[None, :] < centres[:, None]
+    targets = order.gather(1, (r[:, None] + centres[:, None] - 1 - slot).clamp(0, num_tokens - 1))
+    candidates = order[:, :max_r]
+    candidate_valid = torch.arange(max_r, device=device)[None, :] < r[:, None]
+    dim = x.shape[-1]
+    similarity = torch.bmm(x.gather(1, targets[..., None].expand(-1, -1, dim)).float(),
+                           x.gather(1, candidates[..., None].expand(-1, -1, dim)).float().transpose(1, 2))
+    similarity = similarity.div_(dim**0.5).masked_fill_(~candidate_valid[:, None, :], float("-inf"))
+    values, picked_column = similarity.topk(min(5, max_r), dim=-1)
     usable = values.isfinite() & target_valid[..., None]
     mix = values.masked_fill(~usable, float("-inf")).softmax(dim=-1).nan_to_num(0.0) * 0.5
+    picked = candidates.gather(1, picked_column.flatten(1)).view_as(picked_column)
     members = torch.cat((targets[..., None], picked), dim=-1)
-    weights = torch.cat((target_valid[..., None].float() * 0.5, mix), dim=-1)
-    weights[..., 0] = torch.where(usable.any(-1), weights[..., 0], target_valid.float())  # nothing to mix: itself
+    # half for the centre, half for the mix; a centre with nothing to mix stays itself (padding: weight 0)
+    centre_weight = target_valid.float() * torch.where(usable.any(-1), 0.5, 1.0)
+    weights = torch.cat((centre_weight[..., None], mix), dim=-1)
     # each removed token is represented by the centre that gives it the largest weight, if any
-    contribution = torch.zeros(num_groups, max_centres, num_tokens, device=device)
-    contribution.scatter_add_(2, picked, mix)
+    contribution = torch.zeros(num_groups, max_centres, max_r, device=device).scatter_add_(2, picked_column, mix)
     best_weight, best_centre = contribution.max(dim=1)
+    represented_by = torch.where(best_weight > 0, targets.gather(1, best_centre), -1)
     owner = torch.arange(num_tokens, device=device).expand(num_groups, -1).clone()
-    owner = torch.where(removed, torch.where(best_weight > 0, targets.gather(1, best_centre), -1), owner)
-    return MergePlan(valid & ~removed, targets, members, weights, owner.masked_fill(~valid, -1))
+    owner.scatter_(1, candidates, torch.where(candidate_valid, represented_by, candidates))
+    return MergePlan(valid & ~removed, targets, members, weights, owner.masked_fill_(~valid, -1))
 
 
 def apply_merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
