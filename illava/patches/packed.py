@@ -35,26 +35,45 @@ def window_seqlens(run: VisionRun) -> torch.Tensor:
     return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(run.cu_seqlens.dtype)
 
 
+def current_boundaries(run: VisionRun) -> dict[str, tuple[torch.Tensor, int]]:
+    """`cu_seqlens` of the current tokens and their longest segment, per kind of block: "images" (merge segments)
+    and, for windowed encoders, "windows". Computed once per merge layer for all the blocks after it."""
+    boundaries = {"images": run.cu_seqlens}
+    if run.window_of_token is not None:
+        boundaries["windows"] = window_seqlens(run)
+    return {name: (value, int((value[1:] - value[:-1]).max())) for name, value in boundaries.items()}
+
+
 def resliced_rotary(run: VisionRun) -> tuple[torch.Tensor, ...]:
     """The rotary tables' rows of the current tokens."""
     return tuple(table[run.origin] for table in run.rotary)
 
 
+class Segments:
+    """Packed segments of the given lengths: pads `[N, ...]` to `[S, Lmax, ...]`; segments of one length (a single
+    image, the frames of a video) are a view, not a copy. The lengths are read once, for every tensor of the step."""
+
+    def __init__(self, lengths: list[int], device: torch.device):
+        self.count, self.longest = len(lengths), max(lengths)
+        self.uniform = min(lengths) == self.longest
+        self.valid = torch.arange(self.longest, device=device) < torch.tensor(lengths, device=device)[:, None]
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor) -> Segments:
+        return cls((cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), cu_seqlens.device)
+
+    def pad(self, values: torch.Tensor) -> torch.Tensor:
+        if self.uniform:
+            return values.view(self.count, self.longest, *values.shape[1:])
+        padded = values.new_zeros(self.count, self.longest, *values.shape[1:])
+        padded[self.valid] = values
+        return padded
+
+
 def pad_segments(values: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[N, ...]` packed -> `[S, Lmax, ...]` padded and the `[S, Lmax]` validity mask; segments of one length (a
-    single image, the frames of a video) are a view, not a copy."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    longest = int(lengths.max())
-    if bool((lengths == longest).all()):
-        padded = values.view(lengths.numel(), longest, *values.shape[1:])
-        return padded, torch.ones(padded.shape[:2], dtype=torch.bool, device=values.device)
-    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
-    offset = torch.arange(values.shape[0], device=values.device) - cu_seqlens[:-1].long()[segment]
-    padded = values.new_zeros(lengths.numel(), longest, *values.shape[1:])
-    padded[segment, offset] = values
-    valid = torch.zeros(padded.shape[:2], dtype=torch.bool, device=values.device)
-    valid[segment, offset] = True
-    return padded, valid
+    """`[N, ...]` packed -> `[S, Lmax, ...]` padded and the `[S, Lmax]` validity mask."""
+    segments = Segments.of(cu_seqlens)
+    return segments.pad(values), segments.valid
 
 
 def merge_packed(
@@ -87,9 +106,11 @@ def merge_packed(
     survivors.
     """
     cu_seqlens = run.cu_seqlens
+    units_before = run.counts[-1]
     removed = run.removals(units_removed, describe_segment, setting)
-    padded_hidden, valid = pad_segments(hidden, cu_seqlens)
-    segments, longest, dim = padded_hidden.shape
+    segments = Segments.of(cu_seqlens)
+    padded_hidden, valid = segments.pad(hidden), segments.valid
+    count, longest, dim = padded_hidden.shape
     patches = longest - prefix
 
     def unit_scores():
@@ -99,27 +120,26 @@ def merge_packed(
             token_scores = attention_mass(query, key, scale, boundaries)
         if combine_scores is not None:
             token_scores = combine_scores(token_scores)
-        scores, _ = pad_segments(token_scores, cu_seqlens)
-        return scores[:, prefix:].reshape(segments, patches // unit, unit).mean(dim=-1)
+        return segments.pad(token_scores)[:, prefix:].reshape(count, patches // unit, unit).mean(dim=-1)
 
     # a 2x2 window moves as one token
-    units_hidden = padded_hidden[:, prefix:].reshape(segments, patches // unit, unit * dim)
-    units_before = run.counts[-1]
+    units_hidden = padded_hidden[:, prefix:].reshape(count, patches // unit, unit * dim)
     merged_units, plan = merge_groups(run, units_hidden, unit_scores, removed, options, valid=valid[:, prefix::unit])
     if plan is None:
         return hidden
-    keep_tokens = torch.cat([valid[:, :prefix], plan.keep.repeat_interleave(unit, dim=1)], dim=1)
-    merged = torch.cat([padded_hidden[:, :prefix], merged_units.view(segments, patches, dim)], dim=1)
+    keep_tokens = plan.keep.repeat_interleave(unit, dim=1)
+    merged = merged_units.view(count, patches, dim)
+    if prefix:
+        keep_tokens = torch.cat([valid[:, :prefix], keep_tokens], dim=1)
+        merged = torch.cat([padded_hidden[:, :prefix], merged], dim=1)
     survivors = merged[keep_tokens]
-    origin, _ = pad_segments(run.origin, cu_seqlens)
-    run.origin = origin[keep_tokens]
+    run.origin = segments.pad(run.origin)[keep_tokens]
     if run.window_of_token is not None:
-        window_of_token, _ = pad_segments(run.window_of_token, cu_seqlens)
-        run.window_of_token = window_of_token[keep_tokens]
-    run.cu_seqlens = torch.nn.functional.pad(keep_tokens.sum(dim=1).cumsum(0), (1, 0)).to(cu_seqlens.dtype)
-    unit_cu_seqlens = torch.nn.functional.pad(units_before.cumsum(0), (1, 0))
-    run.followers = [merge.apply_merge(pad_segments(features, unit_cu_seqlens)[0], plan)[plan.keep]
-                     for features in run.followers]
+        run.window_of_token = segments.pad(run.window_of_token)[keep_tokens]
+    run.cu_seqlens = torch.nn.functional.pad((run.counts[-1] * unit + prefix).cumsum(0), (1, 0)).to(cu_seqlens.dtype)
+    if run.followers:
+        unit_segments = Segments(units_before.tolist(), units_before.device)
+        run.followers = [merge.apply_merge(unit_segments.pad(features), plan)[plan.keep] for features in run.followers]
     return survivors
 
 

@@ -22,7 +22,7 @@ from .. import compat, merge
 from ..state import IllavaState
 from ..trace import VisionTrace
 from .common import EncoderCall, patch_encoding
-from .packed import merge_packed, resliced_rotary, start_packed, window_seqlens
+from .packed import current_boundaries, merge_packed, resliced_rotary, start_packed
 from .scored_attention import score_in_attention
 from .vision_stage import VisionRun, VisionStage
 
@@ -198,14 +198,12 @@ class QwenVisionStage(VisionStage):
     def reslice(self, index, args, kwargs):
         run = self.run
         if run.sliced is None:
-            run.sliced = {"position_embeddings": resliced_rotary(run), "images": run.cu_seqlens}
-            if run.window_of_token is not None:
-                run.sliced["windows"] = window_seqlens(run)
+            run.sliced = {**current_boundaries(run), "position_embeddings": resliced_rotary(run)}
         windowed = self.full_attention_blocks is not None and index not in self.full_attention_blocks
-        boundaries = run.sliced["windows" if windowed else "images"]
+        boundaries, longest = run.sliced["windows" if windowed else "images"]
         kwargs.update(cu_seqlens=boundaries, position_embeddings=run.sliced["position_embeddings"])
         if kwargs.get("max_seqlen") is not None:
-            kwargs["max_seqlen"] = int((boundaries[1:] - boundaries[:-1]).max())
+            kwargs["max_seqlen"] = longest
         return args, kwargs
 
 

@@ -90,16 +90,15 @@ def removals(counts: torch.Tensor, units_removed: Callable[[int], int], describe
              setting: str) -> torch.Tensor:
     """`[G]` units each group of `counts [G]` loses at this layer; an error naming the setting if one would lose
     them all."""
-    removed = torch.tensor([units_removed(int(count)) for count in counts.tolist()], device=counts.device,
-                           dtype=torch.long)
-    emptied = (counts - removed < 1).nonzero().flatten().tolist()
-    if emptied:
-        group = emptied[0]
-        raise ValueError(
-            f"{setting} leaves no token in {describe_group(group)}: {int(counts[group])} units left, "
-            f"{int(removed[group])} to merge away at this layer; use a smaller r or a fraction"
-        )
-    return removed
+    units = counts.tolist()
+    removed = [units_removed(count) for count in units]
+    for group, (count, lost) in enumerate(zip(units, removed)):
+        if count - lost < 1:
+            raise ValueError(
+                f"{setting} leaves no token in {describe_group(group)}: {count} units left, "
+                f"{lost} to merge away at this layer; use a smaller r or a fraction"
+            )
+    return torch.tensor(removed, device=counts.device, dtype=torch.long)
 
 
 def merge_groups(run: VisionRun, units: torch.Tensor, scores: Callable[[], torch.Tensor], removed: torch.Tensor,

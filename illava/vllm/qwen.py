@@ -41,7 +41,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
 from ..config import IllavaConfig
-from ..patches.packed import merge_packed, resliced_rotary, window_seqlens
+from ..patches.packed import current_boundaries, merge_packed, resliced_rotary
 from ..patches.qwen_vision import full_units, start_qwen_run
 from ..patches.vision_stage import VisionRun, VisionStage
 from ..state import IllavaState
@@ -236,12 +236,10 @@ class VllmQwenVisionStage(VisionStage):
         run = self.run
         if run.sliced is None:
             cos, sin = resliced_rotary(run)
-            run.sliced = {"rotary_pos_emb_cos": cos, "rotary_pos_emb_sin": sin, "images": run.cu_seqlens}
-            if run.window_of_token is not None:
-                run.sliced["windows"] = window_seqlens(run)
+            run.sliced = {"rotary_pos_emb_cos": cos, "rotary_pos_emb_sin": sin, **current_boundaries(run)}
         windowed = self.full_attention_blocks is not None and index not in self.full_attention_blocks
-        boundaries = run.sliced["windows" if windowed else "images"].to(torch.int32)
-        longest = int((boundaries[1:] - boundaries[:-1]).max())
+        boundaries, longest = run.sliced["windows" if windowed else "images"]
+        boundaries = boundaries.to(torch.int32)
         kwargs.update(cu_seqlens=boundaries, max_seqlen=torch.tensor(longest, dtype=torch.int32),
                       rotary_pos_emb_cos=run.sliced["rotary_pos_emb_cos"],
                       rotary_pos_emb_sin=run.sliced["rotary_pos_emb_sin"])
