@@ -314,13 +314,14 @@ def last_query_attention(
 
     `query [B, Hq, d]`, `key [B, Hk, N, d]` (Hq a multiple of Hk), `key_valid [B, N]` marks attendable keys.
     """
-    num_heads = query.shape[1]
-    if key.shape[1] != num_heads:
-        key = key.repeat_interleave(num_heads // key.shape[1], dim=1)
-    logits = torch.einsum("bhd,bhnd->bhn", query.float(), key.float()) * scale
+    batch, num_heads, dim = query.shape
+    kv_heads = key.shape[1]
+    # query heads grouped by the key head they share: [B, Hk, Hq/Hk, d] against [B, Hk, N, d], no repeated keys
+    grouped = query.float().view(batch, kv_heads, num_heads // kv_heads, dim)
+    logits = torch.matmul(grouped, key.float().transpose(-1, -2)).mul_(scale)
     if key_valid is not None:
-        logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)
+        logits.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=(1, 2))
 
 
 @dataclasses.dataclass
