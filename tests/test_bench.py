@@ -11,9 +11,17 @@ from illava.tools import bench, measure
 from illava.tools.tiny_models import tiny_llava_onevision
 
 
-def test_vit_layer_flops_by_hand():
-    # 2 groups of 3 tokens, width 4, MLP 8: projections 3*(4*16 + 2*32) = 384, attention 2*9*4 = 72 per group
-    assert bench.vit_layer_flops(3, 2, 4, 8) == 2.0 * 2 * (384 + 72)
+def siglip_layer_flops(attended: int, kept: int, groups: int, width: int, mlp: int) -> float:
+    """One SigLIP layer by hand: q/k/v/o and attention over the `attended` tokens of each group, the MLP over the
+    `kept` ones (a merge layer merges between the two)."""
+    return 2.0 * groups * (attended * 4 * width * width + 2 * attended * attended * width + kept * 2 * width * mlp)
+
+
+def test_attention_pairs_follow_the_segments():
+    hidden = torch.zeros(10, 4)
+    assert int(bench.attention_pairs(hidden, torch.tensor([0, 3, 10]))) == 9 + 49
+    assert bench.attention_pairs(hidden, None) == 100
+    assert bench.attention_pairs(torch.zeros(3, 5, 4), None) == 75
 
 
 def test_llm_prefill_flops_by_hand():
@@ -44,16 +52,19 @@ def test_suite_counts_tokens_and_flops_from_the_trace():
     sequence = merged["visual_tokens"]["llm_sequence"]
     assert len(sequence) == 2 and sequence[1] < sequence[0] < base["visual_tokens"]["llm_sequence"][0]
     vision, text = model.config.vision_config, model.config.text_config
-    # the patch embedding (a 14x14 conv into 32 channels on 5 crops of 4x4 patches) and the head on the last position
-    outside = {"vision": 2.0 * 5 * 16 * vision.hidden_size * 3 * 14 * 14,
-               "llm_prefill": 2.0 * text.vocab_size * text.hidden_size}
-    expected = bench.prefill_flops(model, IllavaConfig(**settings["both"]), [16, 13, 10], 5, sequence, outside=outside)
+    width, mlp = vision.hidden_size, vision.intermediate_size
+    patch_embedding = 2.0 * 5 * 16 * width * 3 * 14 * 14  # a 14x14 conv into `width` channels, 5 crops of 4x4
+    # 4 layers, merges inside layers 1 and 2 (between attention and MLP): 16 -> 13 -> 10 tokens per crop
+    merged_vision = patch_embedding + sum(siglip_layer_flops(attended, kept, 5, width, mlp) for attended, kept in
+                                          [(16, 16), (16, 13), (13, 10), (10, 10)])
+    assert merged["flops"]["vision"] == pytest.approx(merged_vision)
+    assert base["flops"]["vision"] == pytest.approx(patch_embedding + 4 * siglip_layer_flops(16, 16, 5, width, mlp))
+    head = 2.0 * text.vocab_size * text.hidden_size  # on the last position
+    expected = bench.prefill_flops(model, IllavaConfig(**settings["both"]), sequence,
+                                   {"vision": merged_vision, "llm_prefill": head})
     assert merged["flops"] == pytest.approx(expected)
-    assert base["flops"]["vision"] - bench.prefill_flops(model, IllavaConfig(), [16], 5, [1])["vision"] == \
-        pytest.approx(outside["vision"])
-    doubled = {stage: 2 * value for stage, value in outside.items()}
-    batched = bench.prefill_flops(model, IllavaConfig(**settings["both"]), [16, 13, 10], 10, sequence, sequences=2,
-                                  outside=doubled)
+    batched = bench.prefill_flops(model, IllavaConfig(**settings["both"]), sequence,
+                                  {"vision": 2 * merged_vision, "llm_prefill": 2 * head}, sequences=2)
     assert rows[3]["flops"] == pytest.approx(batched)
     assert batched["llm_prefill"] == pytest.approx(2 * expected["llm_prefill"])
     assert merged["flops_predicted_speedup"] == pytest.approx(base["flops"]["total"] / expected["total"])
@@ -123,7 +134,8 @@ def test_qwen3_5_geometry_counts_its_linear_attention_layers():
     full = bench.llm_prefill_flops(10, 512, 1536, 256, gated=True)
     assert full == 2 * (10 * (3 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1536) + 2 * 55 * 512)
     expected = sum((full if kind == "full_attention" else linear) for kind in text.layer_types)
-    assert bench.prefill_flops(model, IllavaConfig(), [16], 1, [10])["llm_prefill"] == pytest.approx(expected)
+    counted = {"vision": 0.0, "llm_prefill": 0.0}
+    assert bench.prefill_flops(model, IllavaConfig(), [10], counted)["llm_prefill"] == pytest.approx(expected)
 
 
 def test_compile_runs_the_image_settings_again_labelled(monkeypatch, tmp_path):
@@ -222,3 +234,20 @@ def test_ratios_pair_each_round_with_its_own_baseline(monkeypatch):
     assert merged["fraction_of_flops_limit"] == pytest.approx(1.0)
     low, high = merged["fraction_of_flops_limit_quartiles"]  # the middle half of the rounds' (0.54, 1, 1)
     assert low < 1.0 and high == pytest.approx(1.0)
+
+
+def test_qwen2_5_vl_vision_flops_count_its_windows_and_its_swiglu():
+    from illava.tools.tiny_models import tiny_qwen2_vl
+
+    model, processor = tiny_qwen2_vl(model_class="Qwen2_5_VLForConditionalGeneration")
+    vision = model.config.vision_config  # 6 blocks, whole-image attention in blocks 2 and 5, 4x4-patch windows
+    inputs = bench._inputs_builder(model, processor, "qwen2_vl", 112, None, "cpu", model.dtype)(1)
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]  # 64 patches: 4 windows of 16
+    with torch.no_grad(), bench.counted_flops(model) as counted:
+        model(**inputs)
+    width, mlp, patches = vision.hidden_size, vision.intermediate_size, 64
+    patch_embedding = 2.0 * patches * width * 3 * 2 * 14 * 14
+    projections = 2.0 * patches * (4 * width * width + 3 * width * mlp)  # qkv, proj; gate, up, down
+    pairs = 2 * patches**2 + 4 * (4 * 16**2)
+    merger = 2.0 * patches // 4 * (4 * width * 4 * width + 4 * width * vision.out_hidden_size)
+    assert counted["vision"] == pytest.approx(patch_embedding + 6 * projections + 4.0 * pairs * width + merger)

@@ -1,4 +1,4 @@
-"""Efficiency benchmark: visual tokens, analytic FLOPs, vision / prefill / decode time, throughput and peak memory of
+"""Efficiency benchmark: visual tokens, FLOPs, vision / prefill / decode time, throughput and peak memory of
 baseline vs iLLaVA settings, measured side by side in one process (interleaved rounds after a warm-up; times of the
 fastest round, ratios the median of each round's ratio to its own baseline run).
 
@@ -227,12 +227,6 @@ def build_model(geometry: str, device: str, dtype: torch.dtype, attn: str):
 # -- analytic FLOPs ------------------------------------------------------------------------------------------
 
 
-def vit_layer_flops(tokens_per_group: int, groups: int, width: int, mlp: int) -> float:
-    """Multiply-adds x 2 of one pre-LN ViT layer: qkv + out projections, attention scores and mix, 2-matmul MLP."""
-    n = tokens_per_group
-    return 2.0 * groups * (n * (4 * width * width + 2 * width * mlp) + 2 * n * n * width)
-
-
 def llm_prefill_flops(tokens: int, width: int, mlp: int, kv_width: int, context: int | None = None,
                       gated: bool = False) -> float:
     """One Qwen2 decoder layer over `tokens` queries attending to `context` keys (default: causal self, L(L+1)/2):
@@ -254,30 +248,19 @@ def gated_delta_net_flops(tokens: int, width: int, mlp: int, text) -> float:
     return 2.0 * tokens * (projections + recurrence + 3 * width * mlp)
 
 
-def prefill_flops(model, config: IllavaConfig, vit_counts: list[int], vit_groups: int, llm_counts: list[int],
-                  sequences: int = 1, outside: dict[str, float] | None = None) -> dict[str, float]:
-    """Vision and LLM prefill FLOPs for a run whose token counts the trace recorded.
-
-    `vit_counts`: tokens per group (crop/frame) before the first ViT merge layer and after each, over `vit_groups`
-    groups in all; `llm_counts`: length of each of the `sequences` prompts before the first LLM merge layer and
-    after each. `outside`: FLOPs counted outside those layers (`outside_layer_flops`), added per stage.
-    """
-    vision = model.config.vision_config
+def prefill_flops(model, config: IllavaConfig, llm_counts: list[int], counted: dict[str, float],
+                  sequences: int = 1) -> dict[str, float]:
+    """Vision and LLM prefill FLOPs of a run: the vision tower's and the LLM's outside-layer FLOPs as
+    `counted_flops` counted them while it ran, plus the decoder layers' analytic FLOPs for the prompt lengths the
+    trace recorded. `llm_counts`: length of each of the `sequences` prompts before the first LLM merge layer and
+    after each."""
     text = model.config.text_config
-    vision_width = getattr(vision, "embed_dim", None) or vision.hidden_size
-    vision_mlp = getattr(vision, "intermediate_size", None) or int(vision_width * vision.mlp_ratio)
-    vision_layers = getattr(vision, "num_hidden_layers", None) or vision.depth
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_width = text.num_key_value_heads * head_dim
-    vit_merge = config.illava_vit_k if config.enable_illava_vit else ()
     llm_merge = config.illava_llm_k if config.enable_illava_llm else ()
-    vision_flops = 0.0
-    for layer in range(vision_layers):
-        vision_flops += vit_layer_flops(vit_counts[sum(k < layer for k in vit_merge)], vit_groups, vision_width,
-                                        vision_mlp)
     layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
     gated = text.model_type.startswith("qwen3_5")
-    llm_flops = 0.0
+    llm_flops = counted["llm_prefill"]
     for layer, layer_type in enumerate(layer_types):
         tokens = llm_counts[sum(k <= layer for k in llm_merge)]
         if layer_type == "linear_attention":
@@ -285,20 +268,38 @@ def prefill_flops(model, config: IllavaConfig, vit_counts: list[int], vit_groups
         else:
             llm_flops += sequences * llm_prefill_flops(tokens, text.hidden_size, text.intermediate_size, kv_width,
                                                        gated=gated)
-    outside = outside or {}
-    vision_flops += outside.get("vision", 0.0)
-    llm_flops += outside.get("llm_prefill", 0.0)
+    vision_flops = counted["vision"]
     return {"vision": vision_flops, "llm_prefill": llm_flops, "total": vision_flops + llm_flops}
 
 
+def _in_layer_list(name: str) -> bool:
+    parts = name.split(".")
+    return any(part in ("layers", "blocks") and index + 1 < len(parts) and parts[index + 1].isdigit()
+               for index, part in enumerate(parts))
+
+
+def attention_pairs(hidden: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor | int:
+    """Query-key pairs a vision attention call computes: per `cu_seqlens` segment (an image, a frame, or a
+    Qwen2.5-VL attention window) its length squared; without boundaries, every row of `[rows, tokens, dim]` (or the
+    one sequence of `[tokens, dim]`) attends to itself whole."""
+    if cu_seqlens is not None:
+        return cu_seqlens.diff().long().square().sum()
+    tokens = hidden.shape[-2]
+    rows = hidden.shape[0] if hidden.dim() == 3 else 1
+    return rows * tokens * tokens
+
+
 @contextlib.contextmanager
-def outside_layer_flops(model):
-    """FLOPs of the prefill's matmuls outside the transformer layers the analytic counts cover: patch embedding,
-    patch mergers (Qwen's, DeepStack's), the language model's head on the positions it scores. Counted by hooks on
-    every Linear / Conv module outside a `layers` / `blocks` list: into "vision" inside the vision tower (timed as
-    vision), into "llm_prefill" during the first forward (timed as prefill); calls outside both spans (e.g. a
-    projector generate() runs before its first forward, or decode steps) are left out, like their time."""
+def counted_flops(model):
+    """FLOPs of a generate()'s prefill counted by hooks as it runs. In the vision tower: every Linear / Conv
+    (inside its blocks too, on the tokens each really sees: a merge layer's MLP runs on the tokens it kept) and
+    every attention module's scores and mix, 4 x pairs x width (pairs per `attention_pairs`: windowed blocks count
+    their windows). In the language model: Linear / Conv modules outside its decoder layers (the head on the
+    positions it scores; the layers are counted analytically, `prefill_flops`), during the first forward only.
+    Calls outside both spans (e.g. decode steps) are left out, like their time. Yields {"vision", "llm_prefill"},
+    filled in when the block exits."""
     counted = {"vision": 0.0, "llm_prefill": 0.0}
+    pairs_by_width: list[tuple[torch.Tensor | int, int]] = []
     tower = find_family(model).vision_tower(model)
     in_tower = {id(module) for module in tower.modules()}
     state = {"prefill": False, "done": False}
@@ -314,6 +315,10 @@ def outside_layer_flops(model):
         elif state["prefill"]:
             counted["llm_prefill"] += flops
 
+    def attention(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        pairs_by_width.append((attention_pairs(hidden, kwargs.get("cu_seqlens")), hidden.shape[-1]))
+
     def enter(module, *unused):
         state["prefill"] = not state["done"]
 
@@ -322,17 +327,17 @@ def outside_layer_flops(model):
 
     handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
     for name, module in model.named_modules():
-        parts = name.split(".")
-        inside_layers = any(part in ("layers", "blocks") and index + 1 < len(parts) and parts[index + 1].isdigit()
-                            for index, part in enumerate(parts))
-        if not inside_layers and isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d,
-                                                     torch.nn.Conv3d)):
+        counted_module = isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+        if counted_module and (id(module) in in_tower or not _in_layer_list(name)):
             handles.append(module.register_forward_hook(count))
+        elif id(module) in in_tower and _in_layer_list(name) and type(module).__name__.endswith("Attention"):
+            handles.append(module.register_forward_pre_hook(attention, with_kwargs=True))
     try:
         yield counted
     finally:
         for handle in handles:
             handle.remove()
+        counted["vision"] += sum(4.0 * float(pairs) * width for pairs, width in pairs_by_width)
 
 
 # -- measurement ---------------------------------------------------------------------------------------------
@@ -397,7 +402,7 @@ def measure_once(model, processor, family, build_inputs, config: IllavaConfig | 
         inputs = build_inputs(batch)
         peak = PeakMemory(device) if memory else contextlib.nullcontext()
         with torch.no_grad(), stage_spans(model, device) as spans, peak, merge_time(device) as merging, \
-                outside_layer_flops(model) as outside:
+                counted_flops(model) as counted:
             synchronize(device)
             begin = time.perf_counter()
             model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -405,10 +410,7 @@ def measure_once(model, processor, family, build_inputs, config: IllavaConfig | 
             end_to_end = time.perf_counter() - begin
         trace = api.last_trace(model) if config is not None else None
         visual = _visual_tokens(model, inputs, trace)
-        flops = prefill_flops(
-            model, config or IllavaConfig(), visual["vit_per_group"], visual["vit_groups"], visual["llm_sequence"],
-            sequences=batch, outside=outside,
-        )
+        flops = prefill_flops(model, config or IllavaConfig(), visual["llm_sequence"], counted, sequences=batch)
     finally:
         if config is not None:
             api.remove(model)
