@@ -224,7 +224,7 @@ def build_model(geometry: str, device: str, dtype: torch.dtype, attn: str):
     return model, processor, family
 
 
-# -- analytic FLOPs ------------------------------------------------------------------------------------------
+# -- FLOPs ---------------------------------------------------------------------------------------------------
 
 
 def llm_prefill_flops(tokens: int, width: int, mlp: int, kv_width: int, context: int | None = None,
