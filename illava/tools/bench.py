@@ -327,10 +327,11 @@ def counted_flops(model):
 
     handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
     for name, module in model.named_modules():
-        counted_module = isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
-        if counted_module and (id(module) in in_tower or not _in_layer_list(name)):
+        matmul = isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+        inside_tower, inside_layer = id(module) in in_tower, _in_layer_list(name)
+        if matmul and (inside_tower or not inside_layer):
             handles.append(module.register_forward_hook(count))
-        elif id(module) in in_tower and _in_layer_list(name) and type(module).__name__.endswith("Attention"):
+        elif inside_tower and inside_layer and type(module).__name__.endswith("Attention"):
             handles.append(module.register_forward_pre_hook(attention, with_kwargs=True))
     try:
         yield counted
