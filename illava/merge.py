@@ -304,9 +304,9 @@ def _exp2_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_chunks(query, key, scale, valid=None):
-    """`(start, exp(logits - row max), 1 / row sum)` over chunks of query rows, fp32, each chunk at most
-    `_SCORE_CHUNK_ELEMENTS`: the softmax in place, never normalised into a copy. Padded queries (`valid`) get row
-    weight 0; padded keys get probability 0."""
+    """`(start, exp(logits - row max), 1 / row sum)` over chunks of query rows, fp32 (exp taken as exp2 of logits
+    scaled by log2(e)), each chunk at most `_SCORE_CHUNK_ELEMENTS`: the softmax in place, never normalised into a copy.
+    Padded queries (`valid`) get row weight 0; padded keys get probability 0."""
     num_groups, num_heads, num_tokens, _ = query.shape
     if key.shape[1] != num_heads:
         key = key.repeat_interleave(num_heads // key.shape[1], dim=1)
@@ -317,10 +317,10 @@ def _softmax_chunks(query, key, scale, valid=None):
         key_bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
     chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, num_groups * num_heads * num_tokens))
     for start in range(0, num_tokens, chunk):
-        weights = torch.matmul(query[:, :, start : start + chunk].float(), key_t).mul_(scale)
+        weights = torch.matmul(query[:, :, start : start + chunk].float(), key_t).mul_(scale * _LOG2_E)
         if key_bias is not None:
             weights.add_(key_bias)
-        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
+        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp2_()  # base 2: see attend_and_score
         row_weight = weights.sum(dim=-1, keepdim=True).reciprocal_()
         if valid is not None:
             row_weight.mul_(valid[:, None, start : start + chunk, None])
