@@ -23,9 +23,12 @@ import math
 
 import torch
 
-# Elements of fp32 attention logits materialised at once when scoring (4 MiB). Measured on CPU (one
+# Elements of fp32 attention logits materialised at once when scoring in a side pass, on CPU (4 MiB). Measured (one
 # thread) at 2304 tokens, 2 and 16 heads: 1.2-2.2x faster than 16 MiB chunks (cache), and a quarter of the memory.
 _SCORE_CHUNK_ELEMENTS = 1 << 20
+# ... and on an accelerator (64 MiB), where each chunk is some ten kernel launches whatever its size: CPU-sized chunks
+# would cut one Qwen3-VL-8B merge layer (16 heads, 2304 tokens) into 83 chunks, this budget into 6.
+_ACCELERATOR_SCORE_CHUNK_ELEMENTS = 1 << 24
 # ... and by `attend_and_score` (2 MiB, one head's rows, the softmax written over its logits): its softmax and the
 # output product keep a chunk in cache. A group whose heads' logits all fit in one chunk goes at once.
 _FUSED_CHUNK_ELEMENTS = 1 << 19
@@ -305,8 +308,9 @@ def _exp2_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 def _softmax_chunks(query, key, scale, valid=None):
     """`(start, exp(logits - row max), 1 / row sum)` over chunks of query rows, fp32 (exp taken as exp2 of logits
-    scaled by log2(e)), each chunk at most `_SCORE_CHUNK_ELEMENTS`: the softmax in place, never normalised into a copy.
-    Padded queries (`valid`) get row weight 0; padded keys get probability 0."""
+    scaled by log2(e)), each chunk at most `_SCORE_CHUNK_ELEMENTS` (`_ACCELERATOR_SCORE_CHUNK_ELEMENTS` off the
+    CPU): the softmax in place, never normalised into a copy. Padded queries (`valid`) get row weight 0; padded keys
+    get probability 0."""
     num_groups, num_heads, num_tokens, _ = query.shape
     if key.shape[1] != num_heads:
         key = key.repeat_interleave(num_heads // key.shape[1], dim=1)
@@ -315,7 +319,8 @@ def _softmax_chunks(query, key, scale, valid=None):
     if valid is not None:
         key_bias = torch.zeros(num_groups, 1, 1, num_tokens, device=query.device)
         key_bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, num_groups * num_heads * num_tokens))
+    budget = _SCORE_CHUNK_ELEMENTS if query.device.type == "cpu" else _ACCELERATOR_SCORE_CHUNK_ELEMENTS
+    chunk = max(1, budget // max(1, num_groups * num_heads * num_tokens))
     for start in range(0, num_tokens, chunk):
         weights = torch.matmul(query[:, :, start : start + chunk].float(), key_t).mul_(scale * _LOG2_E)
         if key_bias is not None:

@@ -112,6 +112,13 @@ def test_attention_received_matches_full_softmax(monkeypatch, tokens):
     torch.testing.assert_close(received.sum(dim=1), torch.ones(2))
 
 
+@pytest.mark.parametrize("device, chunks", [("cpu", 83), ("meta", 6)])
+def test_side_pass_chunks_are_sized_for_the_device(device, chunks):
+    # Qwen3-VL-8B's merge layers: 16 heads, 2304 tokens; off the CPU each chunk is launch-bound, so fewer and larger
+    query = torch.zeros(1, 16, 2304, 72, device=device)
+    assert len(list(merge._softmax_chunks(query, query, 0.1))) == chunks
+
+
 def test_attention_received_grouped_query_and_padding():
     torch.manual_seed(0)
     query, key = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
