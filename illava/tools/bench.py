@@ -5,6 +5,7 @@ fastest round, ratios the median of each round's ratio to its own baseline run).
     python -m illava.tools.bench --geometry llava-ov-7b-cpu            # reduced width, runs on a CPU in minutes
     python -m illava.tools.bench --geometry llava-ov-7b --device cuda --dtype bfloat16 --attn sdpa
     python -m illava.tools.bench --geometry qwen3-vl-8b-cpu            # Qwen3-VL-8B's depths, 1/8 of its width
+    python -m illava.tools.bench --geometry qwen3-vl-8b-quarter        # ... 1/4 of its width
     python -m illava.tools.bench --geometry llava-ov-7b-cpu --video-frames 8,16,32 --memory-budget-gib 4
 
 Random weights of the real shapes: timings and memory are real, answers are not. Each merged figure is given as a ratio to the baseline and as a fraction of the FLOPs-predicted speed-up, the
@@ -82,6 +83,8 @@ GEOMETRIES = {
     "qwen3-vl-2b-cpu": ("qwen3_vl", QWEN3_VIT["2b"], QWEN3_TEXT["2b"], 8),
     "qwen3-vl-8b": ("qwen3_vl", QWEN3_VIT["8b"], QWEN3_TEXT["8b"], 1),
     "qwen3-vl-8b-cpu": ("qwen3_vl", QWEN3_VIT["8b"], QWEN3_TEXT["8b"], 8),
+    # twice the CPU width: how the fraction of the FLOPs limit moves as per-token work grows against fixed costs
+    "qwen3-vl-8b-quarter": ("qwen3_vl", QWEN3_VIT["8b"], QWEN3_TEXT["8b"], 4),
     "qwen3.5": ("qwen3_5", QWEN3_5_VIT, QWEN3_5_TEXT, 1),
     "qwen3.5-cpu": ("qwen3_5", QWEN3_5_VIT, QWEN3_5_TEXT, 8),
 }
