@@ -26,9 +26,11 @@ import torch
 # Elements of fp32 attention logits materialised at once when scoring in a side pass, on CPU (4 MiB). Measured (one
 # thread) at 2304 tokens, 2 and 16 heads: 1.2-2.2x faster than 16 MiB chunks (cache), and a quarter of the memory.
 _SCORE_CHUNK_ELEMENTS = 1 << 20
-# ... and on an accelerator (64 MiB), where each chunk is some ten kernel launches whatever its size: CPU-sized chunks
+# ... and on an accelerator (64 MiB), where each chunk is a few kernel launches whatever its size: CPU-sized chunks
 # would cut one Qwen3-VL-8B merge layer (16 heads, 2304 tokens) into 83 chunks, this budget into 6.
 _ACCELERATOR_SCORE_CHUNK_ELEMENTS = 1 << 24
+# Devices whose side pass is sized for a cache and takes its softmax in base 2, unnormalised (see `_softmax_chunks`).
+_CACHE_BOUND_DEVICES = ("cpu",)
 # ... and by `attend_and_score` (2 MiB, one head's rows, the softmax written over its logits): its softmax and the
 # output product keep a chunk in cache. A group whose heads' logits all fit in one chunk goes at once.
 _FUSED_CHUNK_ELEMENTS = 1 << 19
@@ -242,8 +244,11 @@ def attention_received(
     """
     num_groups, num_heads, num_tokens, _ = query.shape
     received = torch.zeros(num_groups, num_heads, 1, num_tokens, device=query.device)
-    for start, weights, row_weight in _softmax_chunks(query, key, scale, valid):
-        received.add_(torch.matmul(row_weight.transpose(-1, -2), weights))
+    for weights, row_weight in _softmax_chunks(query, key, scale, valid):
+        if row_weight is None:
+            received.add_(weights.sum(dim=-2, keepdim=True))
+        else:
+            received.add_(torch.matmul(row_weight.transpose(-1, -2), weights))
     queries = valid.sum(dim=1, keepdim=True).float() if valid is not None else float(num_tokens)
     return received.sum(dim=(1, 2)) / (num_heads * queries)
 
@@ -307,10 +312,13 @@ def _exp2_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_chunks(query, key, scale, valid=None):
-    """`(start, exp(logits - row max), 1 / row sum)` over chunks of query rows, fp32 (exp taken as exp2 of logits
-    scaled by log2(e)), each chunk at most `_SCORE_CHUNK_ELEMENTS` (`_ACCELERATOR_SCORE_CHUNK_ELEMENTS` off the
-    CPU): the softmax in place, never normalised into a copy. Padded queries (`valid`) get row weight 0; padded keys
-    get probability 0."""
+    """`(probabilities, row weights)` over chunks of query rows, fp32, whose row-weighted sums over queries add up to
+    the attention received; no chunk exceeds the device's budget (`_SCORE_CHUNK_ELEMENTS` on CPU,
+    `_ACCELERATOR_SCORE_CHUNK_ELEMENTS` elsewhere). On CPU the probabilities are exp(logits - row max), taken as exp2
+    of logits in log2 units, with row weights 1 / row sum: the softmax in place, never normalised in a pass of its own.
+    On an accelerator, where the passes over the logits rather than the arithmetic set the cost, the normalised
+    softmax of one fused kernel, with row weights None (all 1). The scale multiplies the query rows, not the logits.
+    Padded queries (`valid`) get row weight 0; padded keys get probability 0."""
     num_groups, num_heads, num_tokens, _ = query.shape
     if key.shape[1] != num_heads:
         key = key.repeat_interleave(num_heads // key.shape[1], dim=1)
@@ -319,16 +327,22 @@ def _softmax_chunks(query, key, scale, valid=None):
     if valid is not None:
         key_bias = torch.zeros(num_groups, 1, 1, num_tokens, device=query.device)
         key_bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    budget = _SCORE_CHUNK_ELEMENTS if query.device.type == "cpu" else _ACCELERATOR_SCORE_CHUNK_ELEMENTS
+    in_base_2 = query.device.type in _CACHE_BOUND_DEVICES
+    budget = _SCORE_CHUNK_ELEMENTS if in_base_2 else _ACCELERATOR_SCORE_CHUNK_ELEMENTS
+    query_scale = scale * _LOG2_E if in_base_2 else scale
     chunk = max(1, budget // max(1, num_groups * num_heads * num_tokens))
     for start in range(0, num_tokens, chunk):
-        weights = torch.matmul(query[:, :, start : start + chunk].float(), key_t).mul_(scale * _LOG2_E)
+        weights = torch.matmul(query[:, :, start : start + chunk].float() * query_scale, key_t)
         if key_bias is not None:
             weights.add_(key_bias)
-        row_weight = _exp2_softmax_rows(weights)
+        if in_base_2:
+            row_weight = _exp2_softmax_rows(weights)
+        else:
+            weights, row_weight = weights.softmax(dim=-1), None
         if valid is not None:
-            row_weight.mul_(valid[:, None, start : start + chunk, None])
-        yield start, weights, row_weight
+            row_valid = valid[:, None, start : start + chunk, None]
+            row_weight = row_valid.float() if row_weight is None else row_weight.mul_(row_valid)
+        yield weights, row_weight
         del weights
 
 

@@ -102,11 +102,19 @@ def _eager_received(query, key, scale):
     return probs.mean(dim=(1, 2))
 
 
+# the side pass's two ways: CPU's (cache-sized chunks, softmax in base 2 left unnormalised) and an accelerator's
+# (large chunks, fused softmax), both run here on CPU
+SIDE_PASS_WAYS = pytest.mark.parametrize("cache_bound_devices", [("cpu",), ()], ids=["cpu-way", "accelerator-way"])
+
+
+@SIDE_PASS_WAYS
 @pytest.mark.parametrize("tokens", [5, 300])
-def test_attention_received_matches_full_softmax(monkeypatch, tokens):
+def test_attention_received_matches_full_softmax(monkeypatch, tokens, cache_bound_devices):
+    monkeypatch.setattr(merge, "_CACHE_BOUND_DEVICES", cache_bound_devices)
     torch.manual_seed(0)
     query, key = torch.randn(2, 3, tokens, 8), torch.randn(2, 3, tokens, 8)
-    monkeypatch.setattr(merge, "_SCORE_CHUNK_ELEMENTS", 2 * 3 * tokens * 7)  # force several query chunks
+    for budget in ("_SCORE_CHUNK_ELEMENTS", "_ACCELERATOR_SCORE_CHUNK_ELEMENTS"):
+        monkeypatch.setattr(merge, budget, 2 * 3 * tokens * 7)  # force several query chunks
     received = merge.attention_received(query, key, 8**-0.5)
     torch.testing.assert_close(received, _eager_received(query, key, 8**-0.5))
     torch.testing.assert_close(received.sum(dim=1), torch.ones(2))
@@ -119,7 +127,9 @@ def test_side_pass_chunks_are_sized_for_the_device(device, chunks):
     assert len(list(merge._softmax_chunks(query, query, 0.1))) == chunks
 
 
-def test_attention_received_grouped_query_and_padding():
+@SIDE_PASS_WAYS
+def test_attention_received_grouped_query_and_padding(monkeypatch, cache_bound_devices):
+    monkeypatch.setattr(merge, "_CACHE_BOUND_DEVICES", cache_bound_devices)
     torch.manual_seed(0)
     query, key = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
     valid = torch.tensor([[True, True, True, True, False, False]])
